@@ -1,0 +1,166 @@
+"""Frozen dataclasses, one per params.yaml section, with strict parsing.
+
+Every key is checked: an unknown key, a wrong type, a value out of range or not among the
+choices raises ``UserError`` with one line that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdcompress.types import UserError
+
+
+def _opt(default, *, choices=None, lo=None, hi=None, lo_open=False):
+    """A field with validation metadata: choices, or a numeric range [lo, hi] (lo open if asked)."""
+    return field(default=default, metadata={"choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open})
+
+
+def check_value(key: str, value: Any, kind: type, meta: dict | None = None) -> Any:
+    """Type- and range-check one value; ints are accepted where floats are expected."""
+    meta = meta or {}
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
+        raise UserError(f"{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise UserError(f"{key}: {value!r} is not allowed; allowed: {', '.join(map(str, choices))}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
+        raise UserError(f"{key}: {value!r} is out of range; allowed: {'>' if meta.get('lo_open') else '>='} {lo}"
+                        + (f" and <= {hi}" if hi is not None else ""))
+    if hi is not None and value > hi:
+        raise UserError(f"{key}: {value!r} is out of range; allowed: <= {hi}")
+    return value
+
+
+def parse_section(cls, name: str, raw: Any):
+    """Build dataclass ``cls`` from the mapping ``raw`` of params section ``name``."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{name}: expected a mapping of keys, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise UserError(f"{name}.{unknown[0]}: unknown key; allowed: {', '.join(sorted(fields))}")
+    values = {k: check_value(f"{name}.{k}", v, hints[k], dict(fields[k].metadata)) for k, v in raw.items()}
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    seed: int = _opt(0, lo=0)
+    device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
+    num_threads: int = _opt(0, lo=0)  # 0: all cores
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = _opt("fashion_mnist", choices=("fashion_mnist", "mnist", "cifar10", "cifar100", "image_folder"))
+    root: str = "data"
+    val_fraction: float = _opt(0.1, lo=0.0, hi=0.5, lo_open=True)
+    image_size: int = _opt(32, lo=8)  # image_folder only: images are resized to this square size
+    download: bool = True  # last resort: torchvision's download (needs internet)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of the one training loop, shared by the teacher and distill sections."""
+
+    epochs: int = _opt(5, lo=1)
+    batch_size: int = _opt(128, lo=1)
+    lr: float = _opt(0.2, lo=0.0, lo_open=True)
+    momentum: float = _opt(0.9, lo=0.0, hi=1.0)
+    weight_decay: float = _opt(5e-4, lo=0.0)
+    label_smoothing: float = _opt(0.0, lo=0.0, hi=1.0)
+    lr_schedule: str = _opt("onecycle", choices=("onecycle", "cosine", "constant"))
+    crop_padding: int = _opt(2, lo=0)
+    hflip: bool = True
+    eval_batch_size: int = _opt(1024, lo=1)
+
+
+@dataclass(frozen=True)
+class TeacherConfig(TrainConfig):
+    model: str = "resnet20"
+    checkpoint: str = ""  # path to your own weights (a state_dict); empty: train the teacher
+
+
+@dataclass(frozen=True)
+class DistillConfig(TrainConfig):
+    student: str = "tinycnn"
+    method: str = "kd"
+    sampling: str = _opt("full", choices=("full", "sakd"))
+    ce_weight: float = _opt(0.1, lo=0.0)
+    kd_weight: float = _opt(0.9, lo=0.0)
+
+
+@dataclass(frozen=True)
+class SAKDConfig:
+    ratio: float = _opt(0.5, lo=0.0, hi=1.0, lo_open=True)
+    interval: int = _opt(5, lo=1)
+    theta: float = _opt(0.9, lo=0.0, lo_open=True)
+    eta: float = _opt(0.5, lo=0.0, hi=1.0)
+    momentum: float = _opt(0.1, lo=0.0, hi=1.0)  # "lambda" of SAKD.md (a Python keyword)
+    gamma: float = _opt(0.5, lo=0.0, hi=1.0)
+    eps: float = _opt(1.0, lo=0.0, lo_open=True)
+    sigma: float = _opt(0.1, lo=0.0, lo_open=True)
+    shuffle: str = _opt("patch", choices=("pixel", "patch"))
+    patch_size: int = _opt(4, lo=1)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    ece_bins: int = _opt(15, lo=1)
+    batch_size: int = _opt(1024, lo=1)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = _opt(18, lo=13)
+    atol: float = _opt(1e-4, lo=0.0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    warmup: int = _opt(50, lo=0)
+    runs: int = _opt(300, lo=200)
+    server_batch: int = _opt(64, lo=1)
+    server_runs: int = _opt(30, lo=1)
+
+
+SECTIONS = {
+    "base": BaseConfig, "data": DataConfig, "teacher": TeacherConfig, "distill": DistillConfig,
+    "sakd": SAKDConfig, "evaluate": EvaluateConfig, "export": ExportConfig, "benchmark": BenchmarkConfig,
+}
+FREE_SECTIONS = ("methods",)  # method name -> its hyper-parameters, checked by losses.build_loss
+
+
+def load_params(path: str | Path) -> dict:
+    """Read params.yaml and check every section (so a typo anywhere fails every stage early)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise UserError(f"params file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections")
+    unknown = sorted(set(raw) - set(SECTIONS) - set(FREE_SECTIONS))
+    if unknown:
+        raise UserError(f"{unknown[0]}: unknown params section; allowed: {', '.join([*SECTIONS, *FREE_SECTIONS])}")
+    params = {name: parse_section(cls, name, raw.get(name)) for name, cls in SECTIONS.items()}
+    methods = raw.get("methods") or {}
+    if not isinstance(methods, dict) or not all(isinstance(v, dict) or v is None for v in methods.values()):
+        raise UserError("methods: expected a mapping of method name -> mapping of its hyper-parameters")
+    params["methods"] = {k: dict(v or {}) for k, v in methods.items()}
+    return params

@@ -1,0 +1,76 @@
+"""The one place that runs the student (and the frozen teacher) and combines CE with KD."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdcompress.losses.base import DistillLoss
+from kdcompress.types import StepOutput
+
+
+class Distiller(nn.Module):
+    """Student + frozen teacher + distillation loss.
+
+    Per-sample loss: ``ce_weight * CE_i + kd_weight * KD_i``, or, when the sample selector hands
+    per-sample weights ``alpha``, ``(1 - alpha_i) * CE_i + alpha_i * KD_i`` (batch-level losses
+    use the batch mean of alpha). With ``loss=None`` it is plain cross-entropy: the teacher's own
+    training and the ``ce`` baseline.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, loss: DistillLoss | None = None,
+                 ce_weight: float = 1.0, kd_weight: float = 0.0, label_smoothing: float = 0.0):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        self.loss = loss
+        self.ce_weight = ce_weight if loss is not None else 1.0
+        self.kd_weight = kd_weight
+        self.label_smoothing = label_smoothing
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Student + what the loss owns (adapters, heads, peers); never the teacher."""
+        params = list(self.student.parameters())
+        if self.loss is not None:
+            params += [p for p in self.loss.parameters() if p.requires_grad]
+        return params
+
+    @torch.no_grad()
+    def setup(self, x: torch.Tensor) -> None:
+        """Let the loss build its shape-dependent modules from one probe batch."""
+        if self.loss is None:
+            return
+        was_training = self.student.training
+        self.student.eval()
+        self.loss.setup(self.student.extract(x), self.loss.teacher_forward(self.teacher, x))
+        self.student.train(was_training)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, kd_weight: torch.Tensor | None = None) -> StepOutput:
+        if self.loss is not None:
+            x, y = self.loss.prepare_batch(x, y)
+        s = self.student.extract(x)
+        ce = F.cross_entropy(s.logits, y, reduction="none", label_smoothing=self.label_smoothing)
+        if self.loss is None:
+            per_sample = ce
+        else:
+            kd = self.loss(s, self.loss.teacher_forward(self.teacher, x), y)
+            if kd_weight is None:
+                per_sample = self.ce_weight * ce + self.kd_weight * kd
+            else:
+                alpha = kd_weight.mean() if self.loss.batch_level else kd_weight
+                per_sample = (1 - kd_weight) * ce + alpha * kd
+        return StepOutput(loss=per_sample.mean(), logits=s.logits.detach(), per_sample=per_sample.detach())
+
+    def after_step(self) -> None:
+        if self.loss is not None:
+            self.loss.after_step(self.student)

@@ -1,0 +1,43 @@
+"""The interface every distillation method implements (one method = one file)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kdcompress.types import ModelOutput
+
+
+class DistillLoss(nn.Module):
+    """A knowledge-distillation objective.
+
+    ``__init__`` takes only the method's hyper-parameters: exactly its ``methods.<name>`` keys in
+    params.yaml, each with a default. ``forward(student_out, teacher_out, target)`` returns a
+    per-sample loss ``[B]``; a method whose loss is only defined on a batch sets
+    ``batch_level = True`` and returns that scalar broadcast to ``[B]``. Losses never call the
+    student; modules they own (adapters, heads, memory banks, peers) are trained with it and are
+    never exported.
+    """
+
+    needs_teacher: bool = True
+    batch_level: bool = False
+
+    def setup(self, student_out: ModelOutput, teacher_out: ModelOutput | None) -> None:
+        """Build shape-dependent modules (adapters, regressors) from one probe batch."""
+
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        """Called by fit() before each epoch (0-based): schedules, warm-ups."""
+
+    def prepare_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inputs the student trains on (data-free methods replace them)."""
+        return x, y
+
+    def teacher_forward(self, teacher: nn.Module | None, x: torch.Tensor) -> ModelOutput | None:
+        """The knowledge source for this batch: by default the frozen teacher, without grad."""
+        if teacher is None:
+            return None
+        with torch.no_grad():
+            return teacher.extract(x)
+
+    def after_step(self, student: nn.Module) -> None:
+        """Called after each optimizer step (EMA updates and the like)."""

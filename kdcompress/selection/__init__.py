@@ -1,0 +1,4 @@
+from kdcompress.selection.base import SampleSelector
+from kdcompress.selection.full import FullData
+
+__all__ = ["SampleSelector", "FullData"]

@@ -1,0 +1,144 @@
+"""The one training loop, ``fit()``, used for the teacher and for every student.
+
+Methods differ only by the objects passed in (the distiller's loss, the sample selector),
+never by branches here. The LR schedule is indexed by true epochs, so a selector that trains on
+a subset still follows the same schedule.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from kdcompress.config import TrainConfig
+from kdcompress.data import BatchLoader
+from kdcompress.distiller import Distiller
+from kdcompress.selection.base import SampleSelector
+from kdcompress.types import UserError
+
+EpochCallback = Callable[[int, dict], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("base.device: 'cuda' asked for but no CUDA device is available; allowed here: auto, cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, num_threads: int = 0) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if num_threads:
+        torch.set_num_threads(num_threads)
+
+
+def lr_at(cfg: TrainConfig, progress: float) -> float:
+    """Learning rate at ``progress`` in [0, 1] of the whole run."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "cosine":
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * progress))
+    warm = 0.15  # one-cycle: linear warm-up from lr/25, then cosine down to lr/1e4
+    if progress < warm:
+        return cfg.lr / 25 + (cfg.lr - cfg.lr / 25) * progress / warm
+    t = (progress - warm) / (1 - warm)
+    return cfg.lr / 1e4 + 0.5 * (cfg.lr - cfg.lr / 1e4) * (1 + math.cos(math.pi * t))
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, loader: BatchLoader, desc: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of a whole split, in order (model put in eval mode, restored after)."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    for x, y, _ in tqdm(loader.batches(), total=loader.num_batches(), desc=desc, leave=False, disable=None):
+        logits.append(model(x).float())
+        labels.append(y)
+    model.train(was_training)
+    return torch.cat(logits).cpu(), torch.cat(labels).cpu()
+
+
+@dataclass
+class FitResult:
+    best_state: dict  # student state_dict at the best validation accuracy
+    best_epoch: int
+    best_val_acc: float
+    last_state: dict  # everything needed to resume (student, loss, optimizer, selector, epoch)
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def fit(distiller: Distiller, train: BatchLoader, val: BatchLoader, selector: SampleSelector, cfg: TrainConfig,
+        callbacks: list[EpochCallback] = (), resume: dict | None = None) -> FitResult:
+    student = distiller.student
+    probe = next(train.batches())[0]
+    distiller.setup(probe)
+    optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    start_epoch, best_acc, best_epoch, best_state, history = 0, -1.0, -1, None, []
+    if resume is not None:
+        student.load_state_dict(resume["student"])
+        if distiller.loss is not None:
+            distiller.loss.load_state_dict(resume["loss"])
+        optimizer.load_state_dict(resume["optimizer"])
+        selector.load_state_dict(resume["selector"])
+        start_epoch, best_acc, best_epoch = resume["epoch"] + 1, resume["best_val_acc"], resume["best_epoch"]
+        best_state, history = resume["best_state"], resume["history"]
+
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        t_epoch = time.perf_counter()
+        rounds_before = len(selector.history)
+        indices = selector.select(epoch)
+        if distiller.loss is not None:
+            distiller.loss.on_epoch_start(epoch, cfg.epochs)
+        distiller.train()
+        n_batches = train.num_batches(len(indices))
+        total_loss, correct, seen = 0.0, 0, 0
+        bar = tqdm(train.batches(indices, shuffle=True, augment=True), total=n_batches,
+                   desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
+        for i, (x, y, idx) in enumerate(bar):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(cfg, (epoch + i / n_batches) / cfg.epochs)
+            out = distiller(x, y, selector.weights(idx))
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+            distiller.after_step()
+            selector.observe(idx, out.per_sample)
+            total_loss += out.loss.item() * len(y)
+            correct += (out.logits.argmax(1) == y).sum().item()
+            seen += len(y)
+        train_seconds = time.perf_counter() - t_epoch
+        val_logits, val_labels = predict(student, val, desc="val")
+        val_acc = (val_logits.argmax(1) == val_labels).float().mean().item()
+        metrics = {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1), "val_acc": val_acc,
+                   "lr": optimizer.param_groups[0]["lr"], "samples": seen, "epoch_seconds": train_seconds}
+        if len(selector.history) > rounds_before:
+            metrics.update({f"selection_{k}": v for k, v in selector.history[-1].items()
+                            if isinstance(v, (int, float))})
+        history.append({"epoch": epoch, **metrics})
+        if val_acc > best_acc:
+            best_acc, best_epoch = val_acc, epoch
+            best_state = copy.deepcopy(student.state_dict())
+        for cb in callbacks:
+            cb(epoch, metrics)
+        tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: loss {metrics['train_loss']:.4f} "
+                   f"train_acc {metrics['train_acc']:.4f} val_acc {val_acc:.4f} ({train_seconds:.0f}s)")
+    last_state = {
+        "student": student.state_dict(), "loss": distiller.loss.state_dict() if distiller.loss is not None else {},
+        "optimizer": optimizer.state_dict(), "selector": selector.state_dict(), "epoch": cfg.epochs - 1,
+        "best_val_acc": best_acc, "best_epoch": best_epoch, "best_state": best_state, "history": history,
+    }
+    return FitResult(best_state, best_epoch, best_acc, last_state, history, time.perf_counter() - t0)

@@ -1,0 +1,28 @@
+"""A small MobileNet-style network (Howard et al., "MobileNets", 2017): depthwise-separable
+3x3 convolutions (depthwise 3x3 + pointwise 1x1, each with BN and ReLU) in three stages."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from models.base import Classifier, conv_bn_relu
+
+
+def separable(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(conv_bn_relu(cin, cin, 3, stride, groups=cin), conv_bn_relu(cin, cout, 1))
+
+
+class MobileNet(Classifier):
+    def __init__(self, num_classes: int, in_channels: int, width: int = 32):
+        super().__init__()
+        self.stem = conv_bn_relu(in_channels, width)
+        self.stages = nn.ModuleDict({
+            "stage1": nn.Sequential(separable(width, width, 1), separable(width, 2 * width, 2)),
+            "stage2": nn.Sequential(separable(2 * width, 2 * width, 1), separable(2 * width, 4 * width, 2)),
+            "stage3": nn.Sequential(separable(4 * width, 4 * width, 1), separable(4 * width, 4 * width, 1)),
+        })
+        self.head = nn.Linear(4 * width, num_classes)
+
+
+def mobilenet(num_classes: int, in_channels: int) -> MobileNet:
+    return MobileNet(num_classes, in_channels)
