@@ -31,6 +31,8 @@ class Distiller(nn.Module):
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
+        if loss is not None:
+            loss.attach(student, teacher)
 
     def train(self, mode: bool = True):
         super().train(mode)

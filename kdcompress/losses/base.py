@@ -22,6 +22,10 @@ class DistillLoss(nn.Module):
     needs_teacher: bool = True
     batch_level: bool = False
 
+    def attach(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Called once by the Distiller: methods that own extra models (a peer student, an EMA
+        copy, hooks on the teacher) build them here. Keep no reference to the teacher's grads."""
+
     def setup(self, student_out: ModelOutput, teacher_out: ModelOutput | None) -> None:
         """Build shape-dependent modules (adapters, regressors) from one probe batch."""
 

@@ -1,0 +1,69 @@
+"""Shared test helpers: a tiny fake model with the ModelOutput interface and tiny data."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from kdcompress.data import BatchLoader, Split  # noqa: E402
+from kdcompress.types import ModelOutput  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+class FakeNet(nn.Module):
+    """Three conv stages (stage1..stage3, strides 1/2/2) + pooled embedding + linear head."""
+
+    def __init__(self, num_classes: int = 4, in_channels: int = 1, width: int = 4):
+        super().__init__()
+        self.stem = nn.Identity()
+        self.stages = nn.ModuleDict({
+            "stage1": nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1), nn.BatchNorm2d(width), nn.ReLU()),
+            "stage2": nn.Sequential(nn.Conv2d(width, 2 * width, 3, 2, 1), nn.BatchNorm2d(2 * width), nn.ReLU()),
+            "stage3": nn.Sequential(nn.Conv2d(2 * width, 4 * width, 3, 2, 1), nn.BatchNorm2d(4 * width), nn.ReLU()),
+        })
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def extract(self, x):
+        feats = {}
+        for name, stage in self.stages.items():
+            x = stage(x)
+            feats[name] = x
+        emb = x.mean(dim=(2, 3))
+        return ModelOutput(self.head(emb), feats, emb)
+
+    def forward(self, x):
+        return self.extract(x).logits
+
+
+def make_split(n: int = 64, num_classes: int = 4, channels: int = 1, size: int = 8, seed: int = 0) -> Split:
+    """Random uint8 images whose labels are learnable (class = brightest quadrant)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    images = torch.randint(0, 60, (n, channels, size, size), generator=g, dtype=torch.uint8)
+    h = size // 2
+    for i, c in enumerate(labels.tolist()):
+        r, q = divmod(c % 4, 2)
+        images[i, :, r * h:(r + 1) * h, q * h:(q + 1) * h] += 150
+    return Split(images, labels)
+
+
+@pytest.fixture
+def fake_net():
+    return FakeNet
+
+
+@pytest.fixture
+def tiny_loaders():
+    """(train, val) BatchLoaders over tiny learnable data, 1 channel, 8x8, 4 classes."""
+    train = BatchLoader(make_split(64, seed=0), [0.5], [0.25], batch_size=16, crop_padding=1, hflip=False)
+    val = BatchLoader(make_split(32, seed=1), [0.5], [0.25], batch_size=32)
+    return train, val
