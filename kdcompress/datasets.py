@@ -3,12 +3,21 @@
 Each reader returns a ``RawDataset`` (train + test images as uint8 [N, C, H, W], int64 labels,
 class names, a description of where it was found). Nothing here downloads unless asked to, and
 then only as the last resort.
+
+Formats:
+
+- ``mnist`` / ``fashion_mnist``: the four IDX files (plain or .gz), 1 x 28 x 28.
+- ``cifar10`` / ``cifar100``: torchvision's python-pickle batches, 3 x 32 x 32.
+- ``image_folder``: ``<root>/train/<class>/*`` and ``<root>/test/<class>/*`` image files, always
+  converted to RGB and resized to ``data.image_size`` squared.
 """
 
 from __future__ import annotations
 
 import gzip
+import pickle
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,13 +46,22 @@ class RawDataset:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzip-compressed) as used by MNIST and Fashion-MNIST."""
+    """Read an IDX file (optionally gzip-compressed) as used by MNIST and Fashion-MNIST.
+
+    Layout: two zero bytes, a type byte (0x08 = unsigned byte, the only one these data sets use),
+    the number of dimensions, one big-endian uint32 size per dimension, then the values."""
+    path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise UserError(f"{path}: cannot read the IDX file ({e})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise UserError(f"{path}: not an unsigned-byte IDX file")
+        raise UserError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
     ndim = data[3]
+    if ndim == 0 or len(data) < 4 + 4 * ndim:
+        raise UserError(f"{path}: IDX header is truncated or declares {ndim} dimensions")
     shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
@@ -70,11 +88,19 @@ def read_idx_dataset(folder: Path, classes: list[str]) -> RawDataset:
     arrays = {}
     for split, (img_stem, lbl_stem) in IDX_FILES.items():
         images = read_idx(_find_idx(folder, img_stem))
-        labels = read_idx(_find_idx(folder, lbl_stem))
+        labels_path = _find_idx(folder, lbl_stem)
+        labels = read_idx(labels_path)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise UserError(f"{folder}: {split} images {images.shape} and labels {labels.shape} do not match")
+        _check_labels(labels, len(classes), str(labels_path))
         arrays[split] = (torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
     return RawDataset(*arrays["train"], *arrays["test"], classes=classes, source=str(folder))
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise UserError(f"{where}: labels range {labels.min()}..{labels.max()}, "
+                        f"allowed: 0..{num_classes - 1} ({num_classes} classes)")
 
 
 def load_mnist_like(cfg: DataConfig) -> RawDataset:
@@ -103,9 +129,193 @@ def load_mnist_like(cfg: DataConfig) -> RawDataset:
     return read_idx_dataset(folder, FASHION_CLASSES if fashion else MNIST_CLASSES)
 
 
+# --- CIFAR-10 / CIFAR-100 (torchvision's python-pickle batches) ---------------------------------
+
+CIFAR = {
+    # dataset: (torchvision class, folder, train files, test files, meta file, label key, names key)
+    "cifar10": ("CIFAR10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                "batches.meta", "labels", "label_names"),
+    "cifar100": ("CIFAR100", "cifar-100-python", ["train"], ["test"], "meta", "fine_labels", "fine_label_names"),
+}
+CIFAR_SIDE = 32
+
+# The CIFAR batches are pickles. torchvision reads them with a plain pickle.load, which can run
+# arbitrary code from a crafted file. We use pickle too (it is the format), but with an unpickler
+# that only resolves the globals a pickled numpy array needs, so any other object is refused.
+_PICKLE_ALLOWED = {
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),
+}
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _PICKLE_ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        if module.startswith("numpy.core."):  # pickles written by numpy < 2 (e.g. the real CIFAR files)
+            module = "numpy._core." + module[len("numpy.core."):]
+        return super().find_class(module, name)
+
+
+def _str(value) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def load_cifar_pickle(path: Path) -> dict[str, object]:
+    """One CIFAR pickle as a dict with str keys. Loaded with ``encoding="bytes"`` like the CIFAR
+    authors' own snippet: the original (Python 2) files then have bytes keys, files written by
+    Python 3 have str keys; both are accepted."""
+    try:
+        with open(path, "rb") as f:
+            entry = _NumpyOnlyUnpickler(f, encoding="bytes").load()
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, ImportError) as e:
+        raise UserError(f"{path}: cannot read the CIFAR pickle ({e})") from None
+    if not isinstance(entry, dict):
+        raise UserError(f"{path}: expected a pickled dict, got {type(entry).__name__}")
+    return {_str(k): v for k, v in entry.items()}
+
+
+def _cifar_field(entry: dict, key: str, path: Path):
+    if key not in entry:
+        raise UserError(f"{path}: key {key!r} missing; found: {', '.join(sorted(entry))}")
+    return entry[key]
+
+
+def read_cifar_batch(path: Path, label_key: str, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images uint8 [N, 3, 32, 32] and labels int64 [N] of one batch file. Each row of ``data`` is
+    3072 bytes: the 32x32 red plane (row-major), then green, then blue."""
+    entry = load_cifar_pickle(path)
+    data = np.asarray(_cifar_field(entry, "data", path))
+    labels = np.asarray(_cifar_field(entry, label_key, path))
+    side = CIFAR_SIDE
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * side * side:
+        raise UserError(f"{path}: 'data' is {data.dtype} {list(data.shape)}, expected uint8 [N, {3 * side * side}]")
+    if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{path}: {len(data)} images but {label_key!r} holds {labels.shape} {labels.dtype}")
+    _check_labels(labels, num_classes, str(path))
+    images = torch.from_numpy(data.reshape(-1, 3, side, side).copy())
+    return images, torch.from_numpy(labels.astype(np.int64))
+
+
+def find_cifar_folder(candidates: list[Path], files: list[str]) -> Path | None:
+    for folder in candidates:
+        if all((folder / name).is_file() for name in files):
+            return folder
+    return None
+
+
+def load_cifar(cfg: DataConfig) -> RawDataset:
+    """CIFAR-10 / CIFAR-100 in torchvision's on-disk format: data.root as given or
+    <root>/cifar-10-batches-py (<root>/cifar-100-python), then torchvision's download."""
+    tv_name, sub, train_files, test_files, meta_file, label_key, names_key = CIFAR[cfg.dataset]
+    root = Path(cfg.root)
+    candidates = [root, root / sub]
+    files = [*train_files, *test_files, meta_file]
+    folder = find_cifar_folder(candidates, files)
+    if folder is None and cfg.download:
+        try:
+            import torchvision
+
+            getattr(torchvision.datasets, tv_name)(str(root), train=True, download=True)
+            folder = find_cifar_folder([root / sub], files)
+        except Exception:  # noqa: BLE001 - no network is the usual case; the error below says what to do
+            folder = None
+    if folder is None:
+        archive = "cifar-10-python.tar.gz" if cfg.dataset == "cifar10" else "cifar-100-python.tar.gz"
+        raise UserError(f"data.dataset={cfg.dataset}: {', '.join(files)} not found in "
+                        f"{', '.join(map(str, candidates))}; download {archive} from "
+                        f"https://www.cs.toronto.edu/~kriz/cifar.html and unpack it in data.root={cfg.root}"
+                        + ("" if cfg.download else " (or set data.download: true with internet access)"))
+    meta = load_cifar_pickle(folder / meta_file)
+    classes = [_str(n) for n in _cifar_field(meta, names_key, folder / meta_file)]
+    splits = []
+    for names in (train_files, test_files):
+        parts = [read_cifar_batch(folder / name, label_key, len(classes)) for name in names]
+        splits += [torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])]
+    return RawDataset(*splits, classes=classes, source=str(folder))
+
+
+# --- image folder ------------------------------------------------------------------------------
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def _class_dirs(split_dir: Path) -> list[str]:
+    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_files(class_dir: Path) -> list[Path]:
+    return sorted(p for p in class_dir.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def read_image(path: Path, size: int) -> np.ndarray:
+    """One image file as uint8 [size, size, 3]: converted to RGB, resized (bilinear) unless it
+    already has that size."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.BILINEAR)
+            return np.asarray(img, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # UnidentifiedImageError: OSError
+        raise UserError(f"{path}: cannot read the image ({e})") from None
+
+
+def read_image_split(split_dir: Path, classes: list[str], size: int,
+                     require_all: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = _image_files(split_dir / name)
+        if not found and require_all:
+            raise UserError(f"{split_dir / name}: no images (allowed extensions: {', '.join(IMAGE_EXTENSIONS)})")
+        files += found
+        labels += [label] * len(found)
+    if not files:
+        raise UserError(f"{split_dir}: no images in its class folders "
+                        f"(allowed extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    images = np.empty((len(files), size, size, 3), dtype=np.uint8)
+    for i, path in enumerate(files):
+        images[i] = read_image(path, size)
+    return (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+            torch.tensor(labels, dtype=torch.int64))
+
+
+def load_image_folder(cfg: DataConfig) -> RawDataset:
+    """<root>/train/<class>/*.{png,jpg,jpeg,bmp,webp} and <root>/test/<class>/... . Class names are
+    train's sorted subfolder names; test must have the same subfolders (a test class folder may be
+    empty). Every image becomes RGB (grey images too, so all images share 3 channels) and
+    data.image_size x data.image_size (bilinear resize; the aspect ratio is not kept)."""
+    root = Path(cfg.root)
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise UserError(f"data.dataset=image_folder: folder {root / split} not found; expected "
+                            f"{root}/train/<class>/<image> and {root}/test/<class>/<image> (data.root={cfg.root})")
+    classes = _class_dirs(root / "train")
+    if not classes:
+        raise UserError(f"{root / 'train'}: no class subfolders; expected {root}/train/<class>/<image>")
+    test_classes = _class_dirs(root / "test")
+    if test_classes != classes:
+        missing, extra = sorted(set(classes) - set(test_classes)), sorted(set(test_classes) - set(classes))
+        raise UserError(f"{root / 'test'}: class folders differ from {root / 'train'}"
+                        + (f"; missing in test: {', '.join(missing)}" if missing else "")
+                        + (f"; not in train: {', '.join(extra)}" if extra else ""))
+    train = read_image_split(root / "train", classes, cfg.image_size, require_all=True)
+    test = read_image_split(root / "test", classes, cfg.image_size, require_all=False)
+    return RawDataset(*train, *test, classes=classes, source=str(root))
+
+
 READERS = {
     "fashion_mnist": load_mnist_like,
     "mnist": load_mnist_like,
+    "cifar10": load_cifar,
+    "cifar100": load_cifar,
+    "image_folder": load_image_folder,
 }
 
 

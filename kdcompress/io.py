@@ -31,3 +31,11 @@ def atomic_write(path: str | Path, content: str | bytes | Callable[[Any], None],
 
 def write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", text=True)
+
+
+def write_csv(path: str | Path, rows: list[dict], columns: list[str] | None = None) -> Path:
+    """Rows of dicts as CSV (columns: the union of keys in first-seen order, unless given)."""
+    if columns is None:
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+    lines = [",".join(columns)] + [",".join("" if row.get(c) is None else str(row[c]) for c in columns) for row in rows]
+    return atomic_write(path, "\n".join(lines) + "\n", text=True)

@@ -23,4 +23,6 @@ MODELS: dict[str, Callable[[int, int], Classifier]] = {
 def create_model(name: str, num_classes: int, in_channels: int) -> Classifier:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(sorted(MODELS))}")
-    return MODELS[name](num_classes, in_channels)
+    model = MODELS[name](num_classes, in_channels)
+    model.arch = name  # the registry name, recorded in checkpoints and ONNX metadata
+    return model

@@ -1,0 +1,105 @@
+"""ONNX export: a single-file graph with named input/output and a dynamic batch axis, metadata,
+the full onnx checker, and a parity gate against PyTorch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from kdcompress.io import atomic_write
+from kdcompress.types import UserError
+
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+class ParityError(UserError):
+    """The exported graph does not reproduce the PyTorch model."""
+
+
+def to_onnx(model: torch.nn.Module, input_shape: list[int], opset: int, metadata: dict[str, str]) -> onnx.ModelProto:
+    """Trace ``model`` (logits only) into an ONNX model with a dynamic batch axis."""
+    model = model.eval().to("cpu", memory_format=torch.contiguous_format)
+    example = torch.zeros(2, *input_shape)
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+                                output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), optimize=True,
+                                verbose=False)
+    proto = program.model_proto
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def save_onnx(proto: onnx.ModelProto, path: str | Path) -> Path:
+    """Write one self-contained .onnx file (no external data), atomically."""
+    return atomic_write(path, proto.SerializeToString())
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def session(path: str | Path, threads: int = 0, sequential: bool = True) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL if sequential else ort.ExecutionMode.ORT_PARALLEL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def parity(path: str | Path, torch_logits: torch.Tensor, inputs, atol: float) -> dict:
+    """Run the ONNX file over ``inputs`` (an iterable of float batches) and compare with
+    ``torch_logits`` (same order). Raises ParityError beyond ``atol`` or below 100 % agreement."""
+    sess = session(path)
+    onnx_logits = np.concatenate([sess.run([OUTPUT_NAME], {INPUT_NAME: x.contiguous().cpu().numpy()})[0] for x in inputs])
+    ref = torch_logits.numpy()
+    if onnx_logits.shape != ref.shape:
+        raise ParityError(f"parity: ONNX output shape {onnx_logits.shape} != PyTorch {ref.shape}")
+    result = {"max_abs_diff": float(np.abs(onnx_logits - ref).max()),
+              "top1_agreement": float((onnx_logits.argmax(1) == ref.argmax(1)).mean()),
+              "samples": int(len(ref)), "atol": atol}
+    if result["max_abs_diff"] > atol or result["top1_agreement"] < 1.0:
+        raise ParityError(f"parity check failed for {path}: max |dlogit| {result['max_abs_diff']:.3g} "
+                          f"(allowed <= {atol:g}), top-1 agreement {result['top1_agreement']:.4%} (allowed 100%)")
+    return result
+
+
+def metadata_for(name: str, arch: str, classes: list[str], mean: list[float], std: list[float],
+                 input_shape: list[int], opset: int) -> dict[str, str]:
+    return {"kdcompress.model": name, "kdcompress.architecture": arch, "classes": json.dumps(classes),
+            "mean": json.dumps(mean), "std": json.dumps(std), "input_shape": json.dumps(["batch", *input_shape]),
+            "opset": str(opset), "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
+            "preprocessing": "x = (pixels / 255 - mean) / std, per channel, NCHW float32"}
+
+
+def model_card(name: str, metadata: dict[str, str], parity_result: dict, test_metrics: dict, params: int,
+               macs: int, file_bytes: int, method: str) -> str:
+    """A short markdown card that travels beside the ONNX file."""
+    classes = json.loads(metadata["classes"])
+    lines = [
+        f"# {name}: {metadata['kdcompress.architecture']} student distilled with `{method}`", "",
+        f"- Input `{INPUT_NAME}`: float32 {metadata['input_shape']} (NCHW), {metadata['preprocessing']}",
+        f"- mean {metadata['mean']}, std {metadata['std']}",
+        f"- Output `{OUTPUT_NAME}`: float32 [batch, {len(classes)}] raw scores (apply softmax for probabilities)",
+        f"- Classes: {', '.join(classes)}",
+        f"- ONNX opset {metadata['opset']}, single file, {file_bytes / 1024:.1f} KiB; "
+        f"{params:,} parameters, {macs / 1e6:.2f} M MACs per image", "",
+        "## Test metrics (PyTorch, test split)", "",
+        "| metric | value |", "| --- | --- |",
+        *[f"| {k} | {v:.4f} |" for k, v in test_metrics.items()], "",
+        f"Parity ONNX vs PyTorch on {parity_result['samples']} test images: max |dlogit| "
+        f"{parity_result['max_abs_diff']:.2e}, top-1 agreement {parity_result['top1_agreement']:.2%}.", "",
+        "```python",
+        "import onnxruntime as ort",
+        f"sess = ort.InferenceSession('{name}.onnx')",
+        f"logits = sess.run(['{OUTPUT_NAME}'], {{'{INPUT_NAME}': x}})[0]  # x: normalised float32 NCHW",
+        "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""Latency, throughput and size of a model, on onnxruntime and on PyTorch eager."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from kdcompress.export import INPUT_NAME, session
+
+
+def _percentiles(seconds: list[float]) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1e3
+    return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "runs": len(ms)}
+
+
+def _time_calls(call, warmup: int, runs: int) -> list[float]:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def ort_latency(path: str | Path, input_shape: list[int], batch: int = 1, threads: int = 1, warmup: int = 50,
+                runs: int = 300) -> dict[str, float]:
+    """Edge profile: ``batch`` images per call, ``threads`` intra-op threads, sequential execution."""
+    sess = session(path, threads=threads)
+    x = np.random.default_rng(0).standard_normal((batch, *input_shape), dtype=np.float32)
+    return _percentiles(_time_calls(lambda: sess.run(None, {INPUT_NAME: x}), warmup, runs))
+
+
+def ort_throughput(path: str | Path, input_shape: list[int], batch: int = 64, threads: int = 0, warmup: int = 5,
+                   runs: int = 30) -> dict[str, float]:
+    """Server profile: images per second at ``batch`` with ``threads`` (0: all cores)."""
+    sess = session(path, threads=threads)
+    x = np.random.default_rng(0).standard_normal((batch, *input_shape), dtype=np.float32)
+    times = _time_calls(lambda: sess.run(None, {INPUT_NAME: x}), warmup, runs)
+    return {"images_per_s": batch * len(times) / sum(times), "batch": batch, **_percentiles(times)}
+
+
+def torch_latency(model: torch.nn.Module, input_shape: list[int], batch: int = 1, threads: int = 1,
+                  warmup: int = 50, runs: int = 300) -> dict[str, float]:
+    """The same edge profile on PyTorch eager (inference mode), for the ORT/eager ratio."""
+    model = model.eval().cpu()
+    x = torch.randn(batch, *input_shape)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            times = _time_calls(lambda: model(x), warmup, runs)
+    finally:
+        torch.set_num_threads(previous)
+    return _percentiles(times)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: torch.nn.Module, input_shape: list[int]) -> int:
+    """Multiply-accumulates of one image's forward pass (torch's FLOP counter / 2)."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        model.eval().cpu()(torch.zeros(1, *input_shape))
+    return counter.get_total_flops() // 2
+
+
+def onnx_size(path: str | Path) -> int:
+    return Path(path).stat().st_size
+
+
+def onnx_opset(path: str | Path) -> int:
+    return max(o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, str | int]:
+    return {"cpu": cpu_name(), "cpu_count": os.cpu_count() or 0, "torch": torch.__version__,
+            "onnxruntime": ort.__version__, "onnx": onnx.__version__, "python": platform.python_version(),
+            "platform": platform.platform()}

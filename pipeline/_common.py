@@ -1,0 +1,75 @@
+"""What every stage script shares: argument parsing, the one-line error exit, model loading."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable
+
+import torch
+
+from kdcompress.checkpoint import load_weights, read_checkpoint
+from kdcompress.config import load_params
+from kdcompress.data import BatchLoader, Split
+from kdcompress.train import resolve_device, seed_everything
+from kdcompress.types import UserError
+from models import create_model
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other user mistake
+        raise UserError(f"{self.prog}: {message}")
+
+
+def parser(description: str, **paths: str) -> argparse.ArgumentParser:
+    """A parser with ``--params`` and one ``--<name>`` option per path (with its default)."""
+    p = _Parser(prog=f"python -m pipeline.{description}", description=description)
+    p.add_argument("--params", default="params.yaml")
+    for name, default in paths.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=default)
+    return p
+
+
+def stage(main: Callable[[list[str] | None], None]) -> Callable[[list[str] | None], int]:
+    """Wrap a stage's main(): a UserError becomes one line on stderr and exit code 2."""
+
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        try:
+            main(argv)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
+
+    return run
+
+
+def setup(argv, description: str, **paths: str):
+    """Parse arguments, load and check all params, seed, pick the device."""
+    args = parser(description, **paths).parse_args(argv)
+    params = load_params(args.params)
+    seed_everything(params["base"].seed, params["base"].num_threads)
+    return args, params, resolve_device(params["base"].device)
+
+
+def build_model(arch: str, meta: dict) -> torch.nn.Module:
+    try:
+        return create_model(arch, len(meta["classes"]), meta["input_shape"][0])
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+def load_model(path: str, device: torch.device) -> torch.nn.Module:
+    """A model rebuilt from one of our checkpoints, in eval mode, channels_last."""
+    ckpt = read_checkpoint(path)
+    if "arch" not in ckpt:
+        raise UserError(f"{path}: not a kdcompress checkpoint (no architecture recorded)")
+    model = create_model(ckpt["arch"], ckpt["num_classes"], ckpt["in_channels"])
+    load_weights(model, ckpt["state_dict"], path)
+    return model.to(device, memory_format=torch.channels_last).eval()
+
+
+def loader(split: Split, meta: dict, device, batch_size: int, **kw) -> BatchLoader:
+    return BatchLoader(split, meta["mean"], meta["std"], device, batch_size, **kw)

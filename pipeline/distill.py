@@ -1,0 +1,71 @@
+"""Stage 3: distil the student: Distiller (student + frozen teacher + the chosen KD loss) and a
+sample selector (all samples, or SAKD), trained by the shared fit() loop."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from kdcompress import tracking
+from kdcompress.checkpoint import save_checkpoint
+from kdcompress.data import load_prepared
+from kdcompress.distiller import Distiller
+from kdcompress.io import atomic_write, write_csv, write_json
+from kdcompress.losses import build_loss
+from kdcompress.selection import build_selector
+from kdcompress.train import fit
+from kdcompress.types import UserError
+from pipeline._common import build_model, load_model, loader, setup, stage
+
+
+@stage
+def main(argv=None):
+    args, params, device = setup(argv, "distill", data="artifacts/data", teacher="artifacts/teacher/teacher.pt",
+                                 out="artifacts/student/student.pt", last="artifacts/student/student_last.pt",
+                                 metrics="artifacts/metrics/distill.json", plots="artifacts/plots/distill_history.csv",
+                                 rounds="artifacts/plots/selection_rounds.csv")
+    cfg, seed = params["distill"], params["base"].seed
+    loss = build_loss(cfg.method, params["methods"].get(cfg.method))
+    if loss is None and cfg.sampling != "full":
+        raise UserError(f"distill.sampling: {cfg.sampling!r} needs a distillation method; method 'ce' allows: full")
+    data = load_prepared(args.data, splits=("train", "val"))
+    meta = {"classes": data.classes, "input_shape": data.input_shape, "mean": data.mean, "std": data.std}
+    student = build_model(cfg.student, meta).to(device, memory_format=torch.channels_last)
+    teacher = None
+    if (loss is not None and loss.needs_teacher) or cfg.sampling != "full":
+        teacher = load_model(args.teacher, device)
+        if teacher.head.out_features != len(data.classes):
+            raise UserError(f"{args.teacher}: teacher has {teacher.head.out_features} classes, data has {len(data.classes)}")
+    distiller = Distiller(student, teacher, loss, cfg.ce_weight, cfg.kd_weight, cfg.label_smoothing)
+    train = loader(data.train, meta, device, cfg.batch_size, crop_padding=cfg.crop_padding, hflip=cfg.hflip, seed=seed)
+    val = loader(data.val, meta, device, cfg.eval_batch_size)
+    selector = build_selector(cfg.sampling, params["sakd"], distiller, loader(data.train, meta, device,
+                              cfg.eval_batch_size), epochs=cfg.epochs, seed=seed)
+    logged = {"distill": dataclasses.asdict(cfg), "base": dataclasses.asdict(params["base"]),
+              f"methods.{cfg.method}": params["methods"].get(cfg.method, {})}
+    if cfg.sampling == "sakd":
+        logged["sakd"] = dataclasses.asdict(params["sakd"])
+    tags = {"kdcompress.method": cfg.method, "kdcompress.student": cfg.student, "kdcompress.sampling": cfg.sampling}
+    with tracking.start_run("student", f"{cfg.student}-{cfg.method}-{cfg.sampling}", tags):
+        tracking.log_params(logged)
+        result = fit(distiller, train, val, selector, cfg, callbacks=[tracking.log_epoch])
+        save_checkpoint(args.out, cfg.student, len(data.classes), data.input_shape[0], result.best_state,
+                        best_epoch=result.best_epoch, val_acc=result.best_val_acc, method=cfg.method)
+        atomic_write(args.last, lambda f: torch.save(result.last_state, f))
+        tracking.tag_checkpoint(args.out)
+        summary = {"val_acc": result.best_val_acc, "best_epoch": result.best_epoch, "train_seconds": result.seconds,
+                   "samples_seen": sum(h["samples"] for h in result.history)}
+        tracking.log_metrics(summary)
+        write_csv(args.rounds, selector.history or [{"epoch": None}])
+        if selector.history:
+            tracking.log_artifact(args.rounds)
+    write_json(args.metrics, summary)
+    write_csv(args.plots, result.history, columns=["epoch", "train_loss", "train_acc", "val_acc", "lr", "samples",
+                                                   "epoch_seconds"])
+    print(f"student {cfg.student} ({cfg.method}, {cfg.sampling}): val_acc {result.best_val_acc:.4f} "
+          f"({result.seconds:.0f}s) -> {args.out}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

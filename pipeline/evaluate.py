@@ -1,0 +1,50 @@
+"""Stage 4: teacher and student on the same test split: accuracy, calibration, agreement;
+reliability diagrams and the student's confusion matrix as DVC plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kdcompress import tracking
+from kdcompress.data import load_prepared
+from kdcompress.io import write_csv, write_json
+from kdcompress.metrics import classification_metrics, reliability_bins
+from kdcompress.train import predict
+from pipeline._common import load_model, loader, setup, stage
+
+
+@stage
+def main(argv=None):
+    args, params, device = setup(argv, "evaluate", data="artifacts/data", teacher="artifacts/teacher/teacher.pt",
+                                 student="artifacts/student/student.pt", metrics="artifacts/metrics/evaluate.json",
+                                 plots="artifacts/plots")
+    cfg = params["evaluate"]
+    data = load_prepared(args.data, splits=("test",))
+    test = loader(data.test, {"mean": data.mean, "std": data.std}, device, cfg.batch_size)
+    logits = {}
+    for role, path in (("teacher", args.teacher), ("student", args.student)):
+        logits[role], labels = predict(load_model(path, device), test, desc=f"test {role}")
+    report = {"teacher": classification_metrics(logits["teacher"], labels, n_bins=cfg.ece_bins),
+              "student": classification_metrics(logits["student"], labels, logits["teacher"], n_bins=cfg.ece_bins)}
+    plots = Path(args.plots)
+    for role in logits:
+        bins = [b for b in reliability_bins(logits[role], labels, cfg.ece_bins) if b["count"] > 0]
+        write_csv(plots / f"reliability_{role}.csv", bins)
+    pred = logits["student"].argmax(1)
+    write_csv(plots / "confusion.csv", [{"actual": data.classes[a], "predicted": data.classes[p]}
+                                        for a, p in zip(labels.tolist(), pred.tolist())])
+    with tracking.resume_run("teacher", args.teacher, "teacher"):
+        tracking.log_metrics(report["teacher"], prefix="test")
+    with tracking.resume_run("student", args.student, "student"):
+        tracking.log_metrics(report["student"], prefix="test")
+        tracking.log_metrics(report["teacher"], prefix="teacher_test")
+        for name in ("reliability_student.csv", "reliability_teacher.csv", "confusion.csv"):
+            tracking.log_artifact(plots / name, "evaluate")
+    write_json(args.metrics, report)
+    s, t = report["student"], report["teacher"]
+    print(f"test top1: teacher {t['top1']:.4f}, student {s['top1']:.4f}; student ECE {s['ece']:.4f}, "
+          f"agreement {s['agreement']:.4f}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""Stage 5: student (and teacher, for the comparison) to ONNX, checked, with a parity gate on
+the whole test set, metadata and a model card; the student is logged as an MLflow model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from kdcompress import tracking
+from kdcompress.data import load_prepared
+from kdcompress.export import metadata_for, model_card, parity, save_onnx, to_onnx
+from kdcompress.io import atomic_write, write_json
+from kdcompress.profiling import count_macs, count_params
+from kdcompress.train import predict
+from pipeline._common import load_model, loader, setup, stage
+
+
+@stage
+def main(argv=None):
+    args, params, _ = setup(argv, "export", data="artifacts/data", teacher="artifacts/teacher/teacher.pt",
+                            student="artifacts/student/student.pt", evaluation="artifacts/metrics/evaluate.json",
+                            out="artifacts/onnx", metrics="artifacts/metrics/export.json")
+    cfg, device = params["export"], torch.device("cpu")
+    data = load_prepared(args.data, splits=("test",))
+    test = loader(data.test, {"mean": data.mean, "std": data.std}, device, 1024)
+    out, report, protos, metas = Path(args.out), {}, {}, {}
+    for role, path in (("student", args.student), ("teacher", args.teacher)):
+        model = load_model(path, device)
+        metas[role] = metadata_for(role, model.arch, data.classes, data.mean, data.std, data.input_shape, cfg.opset)
+        protos[role] = to_onnx(model, data.input_shape, cfg.opset, metas[role])
+        onnx_path = save_onnx(protos[role], out / f"{role}.onnx")
+        torch_logits, _ = predict(model, test, desc=f"parity {role}")
+        report[role] = {**parity(onnx_path, torch_logits, (x for x, _, _ in test.batches()), cfg.atol),
+                        "file_bytes": onnx_path.stat().st_size, "params": count_params(model),
+                        "macs": count_macs(model, data.input_shape)}
+    s = report["student"]
+    test_metrics = json.loads(Path(args.evaluation).read_text())["student"]
+    card = model_card("student", metas["student"], s, test_metrics, s["params"], s["macs"], s["file_bytes"],
+                      params["distill"].method)
+    atomic_write(out / "student.md", card, text=True)
+    write_json(args.metrics, report)
+    with tracking.resume_run("student", args.student, "student"):
+        tracking.log_metrics({"export": report})
+        tracking.log_onnx(protos["student"], data.input_shape)
+        tracking.log_artifact(out / "student.md", "export")
+    print(f"exported student ({s['file_bytes'] / 1024:.1f} KiB, parity max |dlogit| {s['max_abs_diff']:.2e}, "
+          f"agreement {s['top1_agreement']:.2%}) and teacher to {out}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

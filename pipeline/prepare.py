@@ -1,0 +1,24 @@
+"""Stage 1: read the raw data set, carve a seeded val split, write uint8 tensors + meta."""
+
+from __future__ import annotations
+
+from kdcompress.data import Prepared, Split, channel_stats, save_prepared, split_train_val
+from kdcompress.datasets import load_source
+from pipeline._common import setup, stage
+
+
+@stage
+def main(argv=None):
+    args, params, _ = setup(argv, "prepare", out="artifacts/data")
+    cfg = params["data"]
+    raw = load_source(cfg)
+    train, val = split_train_val(raw.train_images, raw.train_labels, cfg.val_fraction, params["base"].seed)
+    mean, std = channel_stats(train.images)
+    data = Prepared(train, val, Split(raw.test_images, raw.test_labels), raw.classes, mean, std, raw.source)
+    save_prepared(data, args.out)
+    print(f"prepared {cfg.dataset} from {raw.source}: train {len(train)}, val {len(val)}, test {len(data.test)}, "
+          f"shape {data.input_shape}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
