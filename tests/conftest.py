@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
+import struct
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -67,3 +70,28 @@ def tiny_loaders():
     train = BatchLoader(make_split(64, seed=0), [0.5], [0.25], batch_size=16, crop_padding=1, hflip=False)
     val = BatchLoader(make_split(32, seed=1), [0.5], [0.25], batch_size=32)
     return train, val
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """IDX: 0x00 0x00, type 0x08 (ubyte), ndim, big-endian uint32 sizes, then the values."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    data = idx_bytes(array)
+    if path.suffix == ".gz":
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+
+
+def write_fashion_idx(folder: Path, n_train: int = 120, n_test: int = 60, size: int = 16) -> Path:
+    """A tiny Fashion-MNIST look-alike in the real IDX format (gz), learnable (see make_split)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        split = make_split(n, num_classes=10, channels=1, size=size, seed=seed)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", split.images[:, 0].numpy())
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", split.labels.numpy())
+    return folder

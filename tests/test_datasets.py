@@ -17,27 +17,14 @@ from kdcompress.config import DataConfig
 from kdcompress.datasets import READERS, load_source, read_idx
 from kdcompress.types import UserError
 
+from conftest import write_idx
+
 
 def cfg(dataset: str, root: Path, **kw) -> DataConfig:
     return DataConfig(dataset=dataset, root=str(root), download=False, **kw)
 
 
 # --- IDX (MNIST / Fashion-MNIST) ---------------------------------------------------------------
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """IDX: 0x00 0x00, type 0x08 (ubyte), ndim, big-endian uint32 sizes, then the values."""
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    data = idx_bytes(array)
-    if path.suffix == ".gz":
-        with gzip.open(path, "wb") as f:
-            f.write(data)
-    else:
-        path.write_bytes(data)
-
 
 def make_idx_folder(folder: Path, n_train=5, n_test=3, gz_images=True, gz_labels=False, seed=0):
     rng = np.random.default_rng(seed)

@@ -1,4 +1,5 @@
 from kdcompress.selection.base import SampleSelector
 from kdcompress.selection.full import FullData
+from kdcompress.selection.sakd import SAKDSelector
 
-__all__ = ["SampleSelector", "FullData"]
+__all__ = ["SampleSelector", "FullData", "SAKDSelector"]

@@ -1,0 +1,75 @@
+"""The real DVC pipeline in a temp git repo on tiny data: repro, a no-op second repro,
+metrics/params/plots commands and an experiment with -S."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, write_fashion_idx
+from test_pipeline import write_params
+
+pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+
+
+def run(cmd: list[str], cwd: Path, env: dict) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_dvc_repro_noop_metrics_and_experiment(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", ".dvcignore", "pipeline", "kdcompress", "models"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
+    for cache in repo.rglob("__pycache__"):
+        shutil.rmtree(cache)
+    write_fashion_idx(repo / "raw")
+    write_params(repo)
+    (repo / ".gitignore").write_text("/raw/\nmlflow.db\nmlartifacts/\n__pycache__/\n")
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "PYTHONPATH": str(repo),
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    dvc = [str(Path(bin_dir) / "dvc")]
+    run(["git", "init", "-q"], repo, env)
+    run(dvc + ["init", "-q"], repo, env)
+    run(dvc + ["config", "core.analytics", "false"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "init"], repo, env)
+
+    out = run(dvc + ["repro"], repo, env)
+    assert "Running stage 'benchmark'" in out
+    assert (repo / "mlflow.db").exists()  # the store lives in the project root (DVC_ROOT)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "run"], repo, env)
+
+    again = run(dvc + ["repro"], repo, env)
+    assert "Running stage" not in again and "didn't change" in again
+
+    metrics = run(dvc + ["metrics", "show"], repo, env)
+    assert "student.top1" in metrics and "ratios.teacher_over_student_ort_p50" in metrics
+    plots_dir = tmp_path / "plots"
+    run(dvc + ["plots", "show", "-o", str(plots_dir)], repo, env)
+    assert (plots_dir / "index.html").exists()
+
+    out = run(dvc + ["exp", "run", "-S", "distill.method=ce"], repo, env)
+    assert "Running stage 'distill'" in out and "Running stage 'train_teacher'" not in out
+    params_diff = run(dvc + ["params", "diff"], repo, env)  # the experiment left params.yaml changed
+    assert "distill.method" in params_diff and "ce" in params_diff
+    metrics_diff = run(dvc + ["metrics", "diff"], repo, env)
+    assert "student.top1" in metrics_diff
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    methods = {r.data.params.get("distill.method") for r in mlflow.search_runs(experiment_names=["kdcompress"],
+                                                                               output_format="list")}
+    assert {"kd", "ce"} <= methods  # the experiment's working copy logged into the real store

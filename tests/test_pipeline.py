@@ -1,0 +1,150 @@
+"""Every stage's main() end to end on tiny data in a temp dir, with a real MLflow store, real
+ONNX export and real onnxruntime; and the bad-input errors (one line, exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import yaml
+
+from conftest import ROOT, write_fashion_idx
+from pipeline import benchmark, distill, evaluate, export, prepare, train_teacher
+
+TINY = {
+    "base": {"seed": 0, "device": "cpu", "num_threads": 1},
+    "data": {"dataset": "fashion_mnist", "root": "raw", "val_fraction": 0.2, "download": False},
+    "teacher": {"model": "resnet20", "epochs": 1, "batch_size": 32, "lr": 0.05, "eval_batch_size": 64},
+    "distill": {"student": "tinycnn", "method": "kd", "epochs": 2, "batch_size": 32, "lr": 0.05,
+                "eval_batch_size": 64},
+    "methods": {"kd": {"temperature": 4.0}},
+    "benchmark": {"warmup": 2, "runs": 200, "server_batch": 8, "server_runs": 2},
+}
+
+
+def write_params(folder: Path, **overrides) -> Path:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in {**TINY, **overrides}.items():
+        params[section] = {**params.get(section, {}), **values} if isinstance(values, dict) else values
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    write_fashion_idx(tmp_path / "raw")
+    write_params(tmp_path)
+    return tmp_path
+
+
+def test_all_stages_end_to_end(project, capsys):
+    assert prepare.main([]) == 0
+    meta = json.loads((project / "artifacts/data/meta.json").read_text())
+    assert meta["sizes"] == {"train": 96, "val": 24, "test": 60} and meta["input_shape"] == [1, 16, 16]
+    assert meta["classes"][0] == "T-shirt/top"
+
+    assert train_teacher.main([]) == 0
+    assert distill.main([]) == 0
+    assert evaluate.main([]) == 0
+    assert export.main([]) == 0
+    assert benchmark.main([]) == 0
+
+    report = json.loads((project / "artifacts/metrics/evaluate.json").read_text())
+    for key in ("top1", "top5", "nll", "ece", "mce", "brier", "entropy", "agreement", "kl_teacher_student",
+                "logit_cosine"):
+        assert key in report["student"]
+    assert "agreement" not in report["teacher"]
+    confusion = (project / "artifacts/plots/confusion.csv").read_text().splitlines()
+    assert confusion[0] == "actual,predicted" and len(confusion) == 61
+
+    exported = json.loads((project / "artifacts/metrics/export.json").read_text())
+    for role in ("student", "teacher"):
+        assert exported[role]["max_abs_diff"] <= 1e-4 and exported[role]["top1_agreement"] == 1.0
+        assert exported[role]["samples"] == 60
+    model = onnx.load(str(project / "artifacts/onnx/student.onnx"))
+    props = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(props["classes"])[9] == "Ankle boot" and json.loads(props["input_shape"]) == ["batch", 1, 16, 16]
+    assert [i.name for i in model.graph.input] == ["input"] and [o.name for o in model.graph.output] == ["logits"]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
+    assert not list(project.glob("artifacts/onnx/*.data"))  # single file
+    assert "Parity ONNX vs PyTorch" in (project / "artifacts/onnx/student.md").read_text()
+
+    bench = json.loads((project / "artifacts/metrics/benchmark.json").read_text())
+    assert bench["student"]["ort_edge"]["runs"] == 200
+    assert bench["ratios"]["teacher_over_student_ort_p50"] > 0 and bench["environment"]["onnxruntime"]
+
+    import mlflow
+
+    runs = {r.data.tags["kdcompress.role"]: r for r in mlflow.search_runs(experiment_names=["kdcompress"],
+                                                                          output_format="list")}
+    assert set(runs) == {"teacher", "student"}
+    student = runs["student"].data
+    assert student.params["distill.method"] == "kd" and student.params["methods.kd.temperature"] == "4.0"
+    for key in ("val_acc", "test.top1", "test.ece", "teacher_test.top1", "export.student.max_abs_diff",
+                "benchmark.student.ort_edge.p50_ms", "benchmark.ratios.teacher_over_student_ort_p50"):
+        assert key in student.metrics, key
+    assert "test.top1" in runs["teacher"].data.metrics
+    models = mlflow.search_logged_models(experiment_ids=[runs["student"].info.experiment_id], output_format="list")
+    assert any(m.source_run_id == runs["student"].info.run_id for m in models)
+
+
+def test_teacher_checkpoint_from_user(project, tmp_path):
+    """teacher.checkpoint loads the user's weights; a wrong architecture is one clear error."""
+    import torch
+
+    from models import create_model
+
+    assert prepare.main([]) == 0
+    weights = tmp_path / "mine.pt"
+    torch.save(create_model("resnet20", 10, 1).state_dict(), weights)
+    write_params(project, teacher={**TINY["teacher"], "checkpoint": str(weights)})
+    assert train_teacher.main([]) == 0
+    torch.save(create_model("resnet32", 10, 1).state_dict(), weights)
+    (project / "artifacts/teacher/teacher.pt").unlink()
+    assert train_teacher.main([]) == 2
+    assert not (project / "artifacts/teacher/teacher.pt").exists()
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("distill", {"method": "nope"}, "distill.method: unknown method 'nope'; allowed:"),
+    ("distill", {"epochs": 0}, "distill.epochs: 0 is out of range; allowed: >= 1"),
+    ("distill", {"lr": "fast"}, "distill.lr: expected float, got str"),
+    ("distill", {"sampling": "some"}, "distill.sampling: 'some' is not allowed; allowed: full, sakd"),
+    ("distill", {"student": "bignet"}, "unknown model 'bignet'; allowed:"),
+    ("distill", {"typo_key": 1}, "distill.typo_key: unknown key; allowed:"),
+    ("methods", {"kd": {"temprature": 2}}, "methods.kd.temprature: unknown key; allowed: "),
+    ("methods", {"kd": {"temperature": "hot"}}, "methods.kd.temperature: expected float"),
+])
+def test_bad_params_fail_in_one_line_and_write_nothing(project, capsys, section, values, message):
+    assert prepare.main([]) == 0
+    capsys.readouterr()
+    write_params(project, **{section: {**TINY.get(section, {}), **values}})
+    assert distill.main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not (project / "artifacts/student").exists()
+
+
+def test_bad_params_file_and_arguments(project, capsys):
+    (project / "params.yaml").write_text("base: {seed: 0}\nteachr: {}\n")
+    assert prepare.main([]) == 2
+    assert "teachr: unknown params section" in capsys.readouterr().err
+    assert prepare.main(["--params", "missing.yaml"]) == 2
+    assert "params file not found: missing.yaml" in capsys.readouterr().err
+    assert prepare.main(["--bogus"]) == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    assert not (project / "artifacts").exists()
+
+
+def test_missing_dataset_says_how_to_get_it(project, capsys):
+    write_params(project, data={**TINY["data"], "dataset": "mnist", "root": "nowhere"})
+    assert prepare.main([]) == 2
+    err = capsys.readouterr().err
+    assert "data.dataset=mnist: IDX files not found in nowhere" in err
+    assert not (project / "artifacts").exists()
