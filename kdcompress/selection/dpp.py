@@ -50,14 +50,29 @@ def dpp_gains(features: torch.Tensor, quality: torch.Tensor, gamma: float, sigma
     return gamma * quality.to(torch.float64) + (1 - gamma) * torch.log(sigma + h)
 
 
-@torch.no_grad()
 def greedy_dpp(features: torch.Tensor, quality: torch.Tensor, k: int, gamma: float = 0.5, sigma: float = 0.1,
-               *, block: int = 1024, dtype: torch.dtype = torch.float64, stats: dict | None = None) -> torch.Tensor:
+               *, block: int = 512, dtype: torch.dtype = torch.float64, stats: dict | None = None) -> torch.Tensor:
     """Indices (LongTensor [k], in selection order, on the inputs' device) of the greedy MAP of the
     quality–diversity DPP. ``features`` [N, d] (SAKD passes L2-normalised rows; not required),
     ``quality`` [N] (s_hat), ``0 <= gamma <= 1``, ``sigma > 0`` (ridge). ``block`` is the size of the
     lazily maintained candidate block (speed only, never the result). ``stats``, when given, receives
-    counters (refills, exact gain evaluations)."""
+    counters (refills, exact gain evaluations).
+
+    On CPU the loop runs on one intra-op thread (restored after): its ops are tiny, and with two
+    threads on a busy 2-core machine OpenMP wake-ups made single ops 10-100x slower."""
+    if features.device.type != "cpu":
+        return _greedy_dpp(features, quality, k, gamma, sigma, block, dtype, stats)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _greedy_dpp(features, quality, k, gamma, sigma, block, dtype, stats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def _greedy_dpp(features: torch.Tensor, quality: torch.Tensor, k: int, gamma: float, sigma: float, block: int,
+                dtype: torch.dtype, stats: dict | None) -> torch.Tensor:
     if features.dim() != 2 or quality.shape != features.shape[:1]:
         raise ValueError(f"greedy_dpp: features must be [N, d] and quality [N], got {tuple(features.shape)} "
                          f"and {tuple(quality.shape)}")
@@ -65,6 +80,8 @@ def greedy_dpp(features: torch.Tensor, quality: torch.Tensor, k: int, gamma: flo
         raise ValueError(f"greedy_dpp: gamma must be in [0, 1], got {gamma}")
     if sigma <= 0:
         raise ValueError(f"greedy_dpp: sigma must be > 0, got {sigma}")
+    if not (bool(torch.isfinite(features).all()) and bool(torch.isfinite(quality).all())):
+        raise ValueError("greedy_dpp: features and quality must be finite (NaN/inf found)")
     n, d = features.shape
     device = features.device
     k = max(0, min(int(k), n))

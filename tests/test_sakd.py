@@ -1,0 +1,203 @@
+"""SAKD selector: schedule, interruptions, bookkeeping of one round, resume, and a fit() run."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from kdcompress.config import SAKDConfig, TrainConfig
+from kdcompress.distiller import Distiller
+from kdcompress.losses.kd import KD, kl_per_sample
+from kdcompress.selection import FullData, SAKDSelector, build_selector
+from kdcompress.selection.sakd import beta_schedule, spatial_dropout, spatial_shuffle
+from kdcompress.train import fit
+from kdcompress.types import UserError
+from conftest import FakeNet
+
+
+def make_selector(loader, epochs=4, seed=0, models=None, **cfg):
+    torch.manual_seed(0)
+    student, teacher = models if models is not None else (FakeNet(), FakeNet(width=8))
+    distiller = Distiller(student, teacher, KD(4.0), ce_weight=0.1, kd_weight=0.9)
+    base = {"ratio": 0.5, "interval": 1, "gamma": 0.5}
+    return SAKDSelector(SAKDConfig(**{**base, **cfg}), distiller, loader, epochs=epochs, temperature=4.0, seed=seed)
+
+
+def test_beta_schedule():
+    assert beta_schedule(0, 20, 0.9, 0.5) == (0.0, 0.0)
+    raw, beta = beta_schedule(5, 20, 0.9, 0.5)
+    assert raw == pytest.approx(1 - 0.75**0.9) and beta == raw
+    raw, beta = beta_schedule(15, 20, 0.9, 0.5)
+    assert raw == pytest.approx(1 - 0.25**0.9) and beta == 0.5
+    assert beta_schedule(20, 20, 0.9, 0.5) == (1.0, 0.5)
+    assert beta_schedule(10, 20, 1.0, 0.8) == pytest.approx((0.5, 0.5))
+
+
+def test_spatial_dropout_zeroes_exact_count_on_all_channels():
+    x = torch.rand(6, 3, 7, 9) + 0.1  # no zeros to start with
+    g = torch.Generator().manual_seed(0)
+    out = spatial_dropout(x, 0.3, g)
+    zero = out == 0
+    assert bool((zero.all(1) == zero.any(1)).all())  # a position is zero on every channel or none
+    assert zero[:, 0].flatten(1).sum(1).tolist() == [math.floor(0.3 * 63)] * 6
+    assert len({tuple(z.flatten().tolist()) for z in zero[:, 0]}) == 6  # a fresh mask per image
+    kept = ~zero
+    assert torch.equal(out[kept], x[kept])
+    assert torch.equal(spatial_dropout(x, 0.0, g), x)
+
+
+@pytest.mark.parametrize("patch", [1, 2, 3])
+def test_spatial_shuffle_is_a_permutation_of_positions(patch):
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 2, 6, 7)
+    out = spatial_shuffle(x, patch, g)
+    assert not torch.equal(out, x)
+    for a, b in zip(x, out):
+        pix_a = sorted(map(tuple, a.flatten(1).T.tolist()))  # pixels as channel tuples
+        pix_b = sorted(map(tuple, b.flatten(1).T.tolist()))
+        assert pix_a == pix_b
+    gh, gw = 6 // patch * patch, 7 // patch * patch
+    assert torch.equal(out[:, :, :, gw:], x[:, :, :, gw:]) and torch.equal(out[:, :, gh:], x[:, :, gh:])
+    if patch > 1:  # whole patches move: every output patch is one of the input's patches
+        def patches(t):
+            return {tuple(t[:, i:i + patch, j:j + patch].flatten().tolist())
+                    for i in range(0, gh, patch) for j in range(0, gw, patch)}
+        for a, b in zip(x, out):
+            assert patches(a) == patches(b)
+
+
+def test_round_bookkeeping(tiny_loaders):
+    train, _ = tiny_loaders
+    sel = make_selector(train)
+    sel.distiller.train()
+    k = round(0.5 * len(train))
+    first = sel.select(0)
+    assert len(first) == k and len(set(first.tolist())) == k
+    assert sel.distiller.student.training and not sel.distiller.teacher.training
+    assert sel.omega.sum().item() == k and set(sel.omega[first].tolist()) == {1}
+    assert torch.equal(sel.select(0), first)  # a second call in the same epoch changes nothing
+    assert sel.omega.sum().item() == k
+    rec = sel.history[-1]
+    assert rec["beta_raw"] == 0.0 and rec["regime"] == "dropout" and rec["selected"] == k
+    assert sum(rec[f"class_{c}"] for c in range(4)) == k
+    assert torch.bincount(train.labels[first], minlength=4).tolist() == [rec[f"class_{c}"] for c in range(4)]
+    for key in ("round_seconds", "difficulty_seconds", "dpp_seconds", "epoch", "beta", "overlap_prev",
+                "alpha_mean", "alpha_p10", "alpha_p50", "alpha_p90", "s_hat_mean", "s_hat_p10", "s_hat_p50",
+                "s_hat_p90"):
+        assert key in rec
+    second = sel.select(1)
+    assert sel.omega.sum().item() == 2 * k and sel.omega.max().item() <= 2
+    both = set(first.tolist()) & set(second.tolist())
+    assert sel.history[-1]["overlap_prev"] == pytest.approx(len(both) / k)
+    assert sel.history[-1]["beta_raw"] == pytest.approx(1 - 0.75**0.9)
+
+
+def test_first_round_alpha_is_s_hat_of_clean_kd_loss(tiny_loaders):
+    train, _ = tiny_loaders
+    sel = make_selector(train)
+    sel.select(0)
+    student, teacher = sel.distiller.student, sel.distiller.teacher
+    student.eval()
+    with torch.no_grad():
+        loss = torch.cat([kl_per_sample(student(x), teacher(x), 4.0) for x, _, _ in train.batches()])
+    s_hat = (loss - loss.min()) / (loss.max() - loss.min())  # omega = 0: p_i uniform
+    assert torch.allclose(sel.s_hat, s_hat, atol=1e-5)
+    assert torch.equal(sel.alpha, sel.s_hat)
+    idx = torch.tensor([3, 0, 63, 7])
+    w = sel.weights(idx)
+    assert w.shape == (4,) and w.device == idx.device and w.dtype == torch.float32
+    assert torch.equal(w, sel.alpha[idx])
+
+
+def test_later_rounds_follow_the_update_rules(tiny_loaders, monkeypatch):
+    """alpha momentum update, omega-weighted s, feature fusion (dropout) / keeping (shuffle)."""
+    train, _ = tiny_loaders
+    sel = make_selector(train, epochs=4, momentum=0.1, eps=1.0)
+    n = len(train)
+    g = torch.Generator().manual_seed(5)
+    passes = [(torch.rand(n, generator=g) + 0.1, torch.randn(n, 3, generator=g)) for _ in range(3)]
+    calls = []
+    monkeypatch.setattr(sel, "difficulty_pass", lambda transform: calls.append(transform) or passes[len(calls) - 1])
+
+    sel.select(0)
+    alpha0 = sel.alpha.clone()
+    assert torch.equal(sel.features, passes[0][1])
+    omega = sel.omega.clone()
+    sel.select(1)  # beta_raw = 1 - 0.75^0.9 < eta: dropout regime
+    beta_raw = 1 - 0.75**0.9
+    s = passes[1][0].double() / (omega.double() + 1.0)
+    s = s / (1.0 / (omega.double() + 1.0)).sum()
+    s_hat = ((s - s.min()) / (s.max() - s.min() + 1e-12)).float()
+    assert torch.allclose(sel.s_hat, s_hat, atol=1e-6)
+    assert torch.allclose(sel.alpha, 0.1 * alpha0 + 0.9 * beta_raw * s_hat, atol=1e-6)
+    assert torch.allclose(sel.features, 0.1 * passes[0][1] + 0.9 * passes[1][1])
+    fused = sel.features.clone()
+    sel.select(3)  # beta_raw = 1 - 0.25^0.9 > eta: shuffle regime, features unchanged
+    assert sel.history[-1]["regime"] == "shuffle" and sel.history[-1]["beta"] == 0.5
+    assert torch.equal(sel.features, fused)
+    assert sel.omega.sum().item() == 3 * sel.k
+
+
+def test_select_runs_rounds_every_interval(tiny_loaders):
+    train, _ = tiny_loaders
+    sel = make_selector(train, epochs=6, interval=3)
+    subsets = [sel.select(e) for e in range(6)]
+    assert [h["epoch"] for h in sel.history] == [0, 3]
+    assert torch.equal(subsets[0], subsets[2]) and torch.equal(subsets[3], subsets[5])
+
+
+def test_state_dict_round_trip_gives_the_same_next_selection(tiny_loaders):
+    train, _ = tiny_loaders
+    a = make_selector(train, seed=3)
+    a.select(0)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    b = make_selector(train, seed=99, models=(a.distiller.student, a.distiller.teacher))
+    b.load_state_dict(state)
+    next_a, next_b = a.select(1), b.select(1)  # dropout round: uses the restored RNG state
+    assert a.history[-1]["beta"] > 0
+    assert torch.equal(next_a, next_b)
+    assert torch.equal(a.alpha, b.alpha) and torch.equal(a.omega, b.omega) and torch.equal(a.features, b.features)
+    assert len(b.history) == 2
+
+
+def test_fit_trains_only_on_the_selection(tiny_loaders):
+    train, val = tiny_loaders
+    torch.manual_seed(0)
+    teacher, student = FakeNet(width=8), FakeNet()
+    distiller = Distiller(student, teacher, KD(4.0), ce_weight=0.1, kd_weight=0.9)
+    sel = SAKDSelector(SAKDConfig(ratio=0.5, interval=1), distiller, train, epochs=3, temperature=4.0, seed=0)
+    seen: list[tuple[set, set]] = []
+    observe = sel.observe
+
+    def spy(index, per_sample):
+        seen.append((set(index.tolist()), set(sel.selection.tolist())))
+        observe(index, per_sample)
+
+    sel.observe = spy
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05, crop_padding=1, hflip=False)
+    result = fit(distiller, train, val, sel, cfg)
+    k = round(0.5 * len(train))
+    assert [h["samples"] for h in result.history] == [k, k, k]
+    assert all(batch <= subset for batch, subset in seen)
+    assert [h["selection_selected"] for h in result.history] == [k, k, k]
+    assert "selection_round_seconds" in result.history[0] and "selection_regime" not in result.history[0]
+    assert len(sel.history) == 3 and sel.omega.sum().item() == 3 * k
+    assert result.last_state["selector"]["omega"].sum().item() == 3 * k
+
+
+def test_build_selector(tiny_loaders):
+    train, _ = tiny_loaders
+    distiller = Distiller(FakeNet(), FakeNet(), KD(2.5))
+    assert isinstance(build_selector("full", SAKDConfig(), distiller, train, epochs=3), FullData)
+    sel = build_selector("sakd", SAKDConfig(ratio=0.25), distiller, train, epochs=3, seed=1)
+    assert isinstance(sel, SAKDSelector) and sel.temperature == 2.5 and sel.k == 16
+    with pytest.raises(UserError, match="sampling"):
+        build_selector("some", SAKDConfig(), distiller, train, epochs=3)
+    with pytest.raises(UserError, match="teacher"):
+        build_selector("sakd", SAKDConfig(), Distiller(FakeNet()), train, epochs=3)
