@@ -41,6 +41,16 @@ def check_value(key: str, value: Any, kind: type, meta: dict | None = None) -> A
     return value
 
 
+def _optional(hint) -> bool:
+    return type(None) in typing.get_args(hint)
+
+
+def _base_type(hint) -> type:
+    """``float`` for ``float | None``; the hint itself otherwise."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
 def parse_section(cls, name: str, raw: Any):
     """Build dataclass ``cls`` from the mapping ``raw`` of params section ``name``."""
     if raw is None:
@@ -52,7 +62,8 @@ def parse_section(cls, name: str, raw: Any):
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise UserError(f"{name}.{unknown[0]}: unknown key; allowed: {', '.join(sorted(fields))}")
-    values = {k: check_value(f"{name}.{k}", v, hints[k], dict(fields[k].metadata)) for k, v in raw.items()}
+    values = {k: v if v is None and _optional(hints[k]) else
+              check_value(f"{name}.{k}", v, _base_type(hints[k]), dict(fields[k].metadata)) for k, v in raw.items()}
     return cls(**values)
 
 
@@ -99,8 +110,8 @@ class DistillConfig(TrainConfig):
     student: str = "tinycnn"
     method: str = "kd"
     sampling: str = _opt("full", choices=("full", "sakd"))
-    ce_weight: float = _opt(0.1, lo=0.0)
-    kd_weight: float = _opt(0.9, lo=0.0)
+    ce_weight: float | None = _opt(None, lo=0.0)  # null: the method's recipe (0.1/0.9 logit, 1/1 feature)
+    kd_weight: float | None = _opt(None, lo=0.0)
 
 
 @dataclass(frozen=True)

@@ -13,20 +13,22 @@ from kdcompress.types import StepOutput
 class Distiller(nn.Module):
     """Student + frozen teacher + distillation loss.
 
-    Per-sample loss: ``ce_weight * CE_i + kd_weight * KD_i``, or, when the sample selector hands
+    Per-sample loss: ``ce_weight * CE_i + kd_weight * KD_i`` (None: the loss's
+    ``default_weights``), or, when the sample selector hands
     per-sample weights ``alpha``, ``(1 - alpha_i) * CE_i + alpha_i * KD_i`` (batch-level losses
     use the batch mean of alpha). With ``loss=None`` it is plain cross-entropy: the teacher's own
     training and the ``ce`` baseline.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, loss: DistillLoss | None = None,
-                 ce_weight: float = 1.0, kd_weight: float = 0.0, label_smoothing: float = 0.0):
+                 ce_weight: float | None = None, kd_weight: float | None = None, label_smoothing: float = 0.0):
         super().__init__()
         self.student = student
         self.teacher = teacher
         self.loss = loss
-        self.ce_weight = ce_weight if loss is not None else 1.0
-        self.kd_weight = kd_weight
+        defaults = loss.default_weights if loss is not None else (1.0, 0.0)
+        self.ce_weight = defaults[0] if ce_weight is None or loss is None else ce_weight
+        self.kd_weight = defaults[1] if kd_weight is None else kd_weight
         self.label_smoothing = label_smoothing
         if teacher is not None:
             teacher.requires_grad_(False)

@@ -118,6 +118,8 @@ def test_teacher_checkpoint_from_user(project, tmp_path):
     ("distill", {"sampling": "some"}, "distill.sampling: 'some' is not allowed; allowed: full, sakd"),
     ("distill", {"student": "bignet"}, "unknown model 'bignet'; allowed:"),
     ("distill", {"typo_key": 1}, "distill.typo_key: unknown key; allowed:"),
+    ("distill", {"ce_weight": -1}, "distill.ce_weight: -1.0 is out of range; allowed: >= 0.0"),
+    ("methods", {"at": {"spots": ["stage1"]}}, "methods.at.spots: expected str, got list"),
     ("methods", {"kd": {"temprature": 2}}, "methods.kd.temprature: unknown key; allowed: "),
     ("methods", {"kd": {"temperature": "hot"}}, "methods.kd.temperature: expected float"),
 ])

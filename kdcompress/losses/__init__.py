@@ -1,19 +1,46 @@
 """The method registry: ``LOSSES[name]`` is a DistillLoss class (``None`` for ``ce``, the
-teacher-free cross-entropy baseline); ``build_loss(name, params)`` checks and builds one."""
+teacher-free cross-entropy baseline); ``build_loss(name, params)`` checks and builds one.
+
+Each method lives in its own module and names itself (``cls.method``); the registry key is that
+name, which is also its ``methods.<name>`` section in params.yaml. Shared pieces: ``schedule``
+(temperature schedule, warm-up), ``_features`` (spots, spatial alignment, adapters), ``_params``
+(range/choice checks).
+"""
 
 from __future__ import annotations
 
 import inspect
 
 from kdcompress.config import check_value
+from kdcompress.losses.at import AT
 from kdcompress.losses.base import DistillLoss
+from kdcompress.losses.cc import CC
+from kdcompress.losses.crd import CRD
+from kdcompress.losses.data_free import DataFree
+from kdcompress.losses.dkd import DKD
+from kdcompress.losses.dml import DML
+from kdcompress.losses.fitnet import FitNet
+from kdcompress.losses.fkd import FocalKD
+from kdcompress.losses.fsp import FSP
+from kdcompress.losses.ft import FT
+from kdcompress.losses.hard_kd import HardKD
 from kdcompress.losses.kd import KD
+from kdcompress.losses.logit_l2 import LogitL2
+from kdcompress.losses.nst import NST
+from kdcompress.losses.online_ema import OnlineEMA
+from kdcompress.losses.pkt import PKT
+from kdcompress.losses.rkd import RKD
+from kdcompress.losses.sp import SP
+from kdcompress.losses.vid import VID
 from kdcompress.types import UserError
 
-LOSSES: dict[str, type[DistillLoss] | None] = {
-    "ce": None,
-    "kd": KD,
-}
+_METHODS: tuple[type[DistillLoss], ...] = (
+    KD, HardKD, LogitL2, FocalKD, DKD,  # logits
+    FitNet, AT, SP, CC, VID, RKD, PKT, FT, FSP, NST, CRD,  # features / embeddings
+    DML, OnlineEMA, DataFree,  # teacher-free or data-free
+)
+
+LOSSES: dict[str, type[DistillLoss] | None] = {"ce": None, **{cls.method: cls for cls in _METHODS}}
 
 
 def method_defaults(name: str) -> dict:
@@ -41,6 +68,7 @@ def check_method_params(name: str, params: dict | None) -> dict:
 
 
 def build_loss(name: str, params: dict | None = None) -> DistillLoss | None:
+    """Build method ``name``; ranges and choices are checked by its ``__init__`` (UserError)."""
     kwargs = check_method_params(name, params)
     cls = LOSSES[name]
     return None if cls is None else cls(**kwargs)

@@ -21,6 +21,9 @@ class DistillLoss(nn.Module):
 
     needs_teacher: bool = True
     batch_level: bool = False
+    # (ce_weight, kd_weight) used when distill.ce_weight / distill.kd_weight are null: Hinton's
+    # 0.1 CE + 0.9 KD blend for logit methods; feature methods use CE + their own weighted term.
+    default_weights: tuple[float, float] = (0.1, 0.9)
 
     def attach(self, student: nn.Module, teacher: nn.Module | None) -> None:
         """Called once by the Distiller: methods that own extra models (a peer student, an EMA

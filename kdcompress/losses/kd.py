@@ -1,7 +1,9 @@
 """Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", NIPS DL workshop 2015.
 
 Per-sample ``T^2 * KL(softmax(z_t / T) || softmax(z_s / T))``; the T^2 keeps gradient magnitudes
-comparable across temperatures.
+comparable across temperatures. T = 4 is the CIFAR recipe of Tian et al. (CRD, ICLR 2020), whose
+``-r 0.1 -a 0.9`` matches our distill.ce_weight / kd_weight defaults. ``t_schedule`` / ``t_end``
+anneal T over the epochs (see ``kdcompress.losses.schedule``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcompress.losses.base import DistillLoss
+from kdcompress.losses.schedule import TemperatureScheduled
 from kdcompress.types import ModelOutput
 
 
@@ -20,10 +23,12 @@ def kl_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     return F.kl_div(log_ps, log_pt, reduction="none", log_target=True).sum(1) * temperature**2
 
 
-class KD(DistillLoss):
-    def __init__(self, temperature: float = 4.0):
+class KD(TemperatureScheduled, DistillLoss):
+    method = "kd"
+
+    def __init__(self, temperature: float = 4.0, t_schedule: str = "constant", t_end: float = 1.0):
         super().__init__()
-        self.temperature = temperature
+        self.init_temperature(temperature, t_schedule, t_end)
 
     def forward(self, student_out: ModelOutput, teacher_out: ModelOutput, target: torch.Tensor) -> torch.Tensor:
         return kl_per_sample(student_out.logits, teacher_out.logits, self.temperature)

@@ -1,0 +1,59 @@
+"""The prepared format, the seeded split and the tensor-resident batch loader."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import make_split
+from kdcompress.data import BatchLoader, Prepared, channel_stats, load_prepared, save_prepared, split_train_val
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    images = torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1)
+    labels = torch.arange(100)
+    train, val = split_train_val(images, labels, 0.2, seed=3)
+    again, _ = split_train_val(images, labels, 0.2, seed=3)
+    other, _ = split_train_val(images, labels, 0.2, seed=4)
+    assert len(val) == 20 and len(train) == 80
+    assert set(train.labels.tolist()) | set(val.labels.tolist()) == set(range(100))
+    assert not set(train.labels.tolist()) & set(val.labels.tolist())
+    assert torch.equal(train.labels, again.labels) and not torch.equal(train.labels, other.labels)
+    assert torch.equal(train.images.view(-1).long(), train.labels)  # images stay with their labels
+
+
+def test_save_load_roundtrip(tmp_path):
+    s = make_split(20, channels=3)
+    mean, std = channel_stats(s.images)
+    assert torch.allclose(torch.tensor(mean), s.images.double().div(255).mean((0, 2, 3)).float(), atol=1e-6)
+    save_prepared(Prepared(s, s, s, ["a", "b", "c", "d"], mean, std, "here"), tmp_path)
+    back = load_prepared(tmp_path)
+    assert torch.equal(back.train.images, s.images) and back.train.images.dtype == torch.uint8
+    assert back.classes == ["a", "b", "c", "d"] and back.input_shape == [3, 8, 8] and back.source == "here"
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_loader_normalises_and_covers_indices_once():
+    s = make_split(50)
+    loader = BatchLoader(s, [0.5], [0.25], batch_size=16)
+    seen, xs = [], []
+    for x, y, idx in loader.batches(shuffle=True):
+        assert torch.equal(y, s.labels[idx])
+        seen += idx.tolist()
+        xs.append((x, idx))
+    assert sorted(seen) == list(range(50)) and seen != list(range(50))
+    x, idx = xs[0]
+    assert torch.allclose(x, (s.images[idx].float() / 255 - 0.5) / 0.25)
+    assert loader.num_batches() == 4 and loader.num_batches(16) == 1
+
+
+def test_batch_augmentation_crops_and_flips_per_sample():
+    images = torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4).repeat(64, 1, 1, 1)
+    loader = BatchLoader(make_split(64, size=4), [0.0], [1.0], crop_padding=1, hflip=True)
+    out = loader.augment(images.float())
+    padded = torch.nn.functional.pad(images.float(), (1, 1, 1, 1))
+    candidates = [padded[0, :, dy:dy + 4, dx:dx + 4] for dy in range(3) for dx in range(3)]
+    candidates += [c.flip(2) for c in candidates]
+    for img in out:  # every output is one of the 18 shifted/flipped crops of the original
+        assert any(torch.equal(img, c) for c in candidates)
+    assert len({tuple(img.flatten().tolist()) for img in out}) > 6  # and they differ across the batch
+    assert out.shape == images.shape

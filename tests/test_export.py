@@ -1,0 +1,47 @@
+"""ONNX export of every architecture and the parity gate."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+
+from kdcompress.export import ParityError, metadata_for, parity, read_metadata, save_onnx, to_onnx
+from kdcompress.profiling import count_macs, count_params
+from models import MODELS, create_model
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_export_parity_every_model(tmp_path, arch):
+    model = create_model(arch, 10, 3).eval()
+    with torch.no_grad():  # non-trivial BN statistics, so folding them is actually tested
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.8, 1.2)
+                m.weight.uniform_(0.2, 0.6)
+    meta = metadata_for("student", arch, list("abcdefghij"), [0.5] * 3, [0.25] * 3, [3, 20, 20], 18)
+    path = save_onnx(to_onnx(model, [3, 20, 20], 18, meta), tmp_path / "m.onnx")
+    inputs = [torch.randn(7, 3, 20, 20), torch.randn(1, 3, 20, 20)]  # two batch sizes: dynamic axis
+    with torch.no_grad():
+        ref = torch.cat([model(x) for x in inputs])
+    result = parity(path, ref, inputs, atol=1e-4)
+    assert result["samples"] == 8 and result["top1_agreement"] == 1.0
+    assert read_metadata(path)["kdcompress.architecture"] == arch
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def test_parity_gate_fails_on_a_different_model(tmp_path):
+    model = create_model("tinycnn", 10, 1).eval()
+    path = save_onnx(to_onnx(model, [1, 12, 12], 18, {}), tmp_path / "m.onnx")
+    x = [torch.randn(16, 1, 12, 12)]
+    with torch.no_grad():
+        ref = model(x[0])
+    with pytest.raises(ParityError, match=r"max \|dlogit\|"):
+        parity(path, ref + 1e-3, x, atol=1e-4)
+
+
+def test_params_and_macs_hand_counted():
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1, bias=False))
+    assert count_params(conv) == 18
+    assert count_macs(conv, [1, 5, 5]) == 2 * 9 * 25  # out channels * kernel * output positions
