@@ -120,6 +120,7 @@ def test_teacher_checkpoint_from_user(project, tmp_path):
     ("distill", {"typo_key": 1}, "distill.typo_key: unknown key; allowed:"),
     ("distill", {"ce_weight": -1}, "distill.ce_weight: -1.0 is out of range; allowed: >= 0.0"),
     ("methods", {"at": {"spots": ["stage1"]}}, "methods.at.spots: expected str, got list"),
+    ("methods", {"kdd": {}}, "methods.kdd: unknown method; allowed:"),
     ("methods", {"kd": {"temprature": 2}}, "methods.kd.temprature: unknown key; allowed: "),
     ("methods", {"kd": {"temperature": "hot"}}, "methods.kd.temperature: expected float"),
 ])
