@@ -8,7 +8,7 @@ KD's KL splits into a target-class term and a non-target-class term, which DKD r
 * loss = ``w(epoch) * (alpha * TCKD + beta * NCKD)``, ``w = min((epoch + 1) / warmup, 1)``.
 
 Defaults are the paper's CIFAR recipe: alpha = 1, beta = 8, T = 4. The paper warms up over 20 of
-240 epochs (8 %); our default run is 5 epochs, where 8 % is under one epoch, so ``warmup`` defaults
+240 epochs (8 %); our default run is 10 epochs, where 8 % is under one epoch, so ``warmup`` defaults
 to 1 (no ramp; set 20 for a 240-epoch recipe). Epochs count from 1 in the ramp, as in the authors'
 code, so the first epoch is never KD-free. Computed with log-sum-exp (no ``log(0)``).
 """
@@ -46,6 +46,7 @@ def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target
 
 class DKD(TemperatureScheduled, DistillLoss):
     method = "dkd"
+    default_weights = (1.0, 1.0)  # the paper's recipe: CE + DKD (alpha and beta weight the terms)
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup: int = 1,
                  t_schedule: str = "constant", t_end: float = 1.0):
