@@ -157,7 +157,7 @@ def rank_table(rows: dict[str, dict[str, float]], prefs: dict[str, str]) -> dict
         for name in rows:
             v = values.get(name)
             out[name][f"{metric}_rank"] = None if v is None else 1 + sum(1 for w in values.values() if w > v)
-    for name, ranks in out.items():
+    for ranks in out.values():
         got = [r for r in ranks.values() if r is not None]
         ranks["avg_rank"] = sum(got) / len(got) if got else None
     return out

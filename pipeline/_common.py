@@ -54,9 +54,10 @@ def setup(argv, description: str, **paths: str):
     return args, params, resolve_device(params["base"].device)
 
 
-def build_model(arch: str, meta: dict) -> torch.nn.Module:
+def build_model(arch: str, num_classes: int, in_channels: int) -> torch.nn.Module:
+    """A fresh model from the registry; an unknown name is a one-line UserError."""
     try:
-        return create_model(arch, len(meta["classes"]), meta["input_shape"][0])
+        return create_model(arch, num_classes, in_channels)
     except ValueError as err:
         raise UserError(str(err)) from None
 
@@ -66,7 +67,7 @@ def load_model(path: str, device: torch.device) -> torch.nn.Module:
     ckpt = read_checkpoint(path)
     if "arch" not in ckpt:
         raise UserError(f"{path}: not a kdcompress checkpoint (no architecture recorded)")
-    model = create_model(ckpt["arch"], ckpt["num_classes"], ckpt["in_channels"])
+    model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt["in_channels"])
     load_weights(model, ckpt["state_dict"], path)
     return model.to(device, memory_format=torch.channels_last).eval()
 

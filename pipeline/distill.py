@@ -35,7 +35,8 @@ def main(argv=None):
         raise UserError(f"distill.sampling: {cfg.sampling!r} needs a distillation method; method 'ce' allows: full")
     data = load_prepared(args.data, splits=("train", "val"))
     meta = {"classes": data.classes, "input_shape": data.input_shape, "mean": data.mean, "std": data.std}
-    student = build_model(cfg.student, meta).to(device, memory_format=torch.channels_last)
+    student = build_model(cfg.student, len(data.classes), data.input_shape[0])
+    student = student.to(device, memory_format=torch.channels_last)
     teacher = None
     if (loss is not None and loss.needs_teacher) or cfg.sampling != "full":
         teacher = load_model(args.teacher, device)

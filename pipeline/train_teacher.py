@@ -25,7 +25,7 @@ def main(argv=None):
     cfg = params["teacher"]
     data = load_prepared(args.data, splits=("val",) if cfg.checkpoint else ("train", "val"))
     meta = {"classes": data.classes, "input_shape": data.input_shape, "mean": data.mean, "std": data.std}
-    model = build_model(cfg.model, meta)
+    model = build_model(cfg.model, len(data.classes), data.input_shape[0])
     val = loader(data.val, meta, device, cfg.eval_batch_size)
     history = []
     with tracking.start_run("teacher", f"teacher-{cfg.model}"):
