@@ -112,6 +112,8 @@ class DistillConfig(TrainConfig):
     sampling: str = _opt("full", choices=("full", "sakd"))
     ce_weight: float | None = _opt(None, lo=0.0)  # null: the method's recipe (0.1/0.9 logit, 1/1 feature)
     kd_weight: float | None = _opt(None, lo=0.0)
+    # auto: onnxruntime on CPU for methods that run the teacher forward only, else torch
+    teacher_runtime: str = _opt("auto", choices=("auto", "torch", "onnxruntime"))
 
 
 @dataclass(frozen=True)

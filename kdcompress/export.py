@@ -21,13 +21,15 @@ class ParityError(UserError):
     """The exported graph does not reproduce the PyTorch model."""
 
 
-def to_onnx(model: torch.nn.Module, input_shape: list[int], opset: int, metadata: dict[str, str]) -> onnx.ModelProto:
-    """Trace ``model`` (logits only) into an ONNX model with a dynamic batch axis."""
+def to_onnx(model: torch.nn.Module, input_shape: list[int], opset: int, metadata: dict[str, str],
+            output_names: tuple[str, ...] = (OUTPUT_NAME,)) -> onnx.ModelProto:
+    """Trace ``model`` (by default a classifier: logits only) into an ONNX model with a dynamic
+    batch axis; ``output_names`` names the outputs of a model that returns a tuple."""
     model = model.eval().to("cpu", memory_format=torch.contiguous_format)
     example = torch.zeros(2, *input_shape)
     batch = torch.export.Dim("batch", min=1)
     program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                                output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), optimize=True,
+                                output_names=list(output_names), dynamic_shapes=({0: batch},), optimize=True,
                                 verbose=False)
     proto = program.model_proto
     for key, value in metadata.items():
@@ -46,13 +48,18 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
-def session(path: str | Path, threads: int = 0, sequential: bool = True) -> ort.InferenceSession:
+def session(path: str | Path | bytes, threads: int = 0, sequential: bool = True,
+            spin: bool = True) -> ort.InferenceSession:
+    """A CPU session from a file or serialized bytes. ``spin=False`` stops idle worker threads from
+    busy-waiting between runs: needed when PyTorch works on the same cores in between."""
     opts = ort.SessionOptions()
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL if sequential else ort.ExecutionMode.ORT_PARALLEL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def parity(path: str | Path, torch_logits: torch.Tensor, inputs, atol: float) -> dict:

@@ -13,10 +13,20 @@ from kdcompress.data import load_prepared
 from kdcompress.distiller import Distiller
 from kdcompress.io import atomic_write, write_csv, write_json
 from kdcompress.losses import LOSSES, build_loss, check_method_params
+from kdcompress.ort_teacher import OrtTeacher
 from kdcompress.selection import build_selector
 from kdcompress.train import fit
 from kdcompress.types import UserError
 from pipeline._common import build_model, load_model, loader, setup, stage
+
+
+def use_ort_teacher(runtime: str, loss, device: torch.device) -> bool:
+    """Serve the frozen teacher with onnxruntime? ``auto``: on CPU, unless the method needs its grads."""
+    needs_grad = loss is not None and loss.needs_teacher_grad
+    if runtime == "onnxruntime" and (device.type != "cpu" or needs_grad):
+        why = "the device is not the CPU" if device.type != "cpu" else "this method back-propagates through it"
+        raise UserError(f"distill.teacher_runtime: 'onnxruntime' is not possible here ({why}); allowed: auto, torch")
+    return runtime == "onnxruntime" or (runtime == "auto" and device.type == "cpu" and not needs_grad)
 
 
 @stage
@@ -31,8 +41,10 @@ def main(argv=None):
             raise UserError(f"methods.{name}: unknown method; allowed: {', '.join(sorted(LOSSES))}")
         check_method_params(name, block)
     loss = build_loss(cfg.method, params["methods"].get(cfg.method))
-    if loss is None and cfg.sampling != "full":
-        raise UserError(f"distill.sampling: {cfg.sampling!r} needs a distillation method; method 'ce' allows: full")
+    if cfg.sampling != "full" and (loss is None or not loss.selects_samples):
+        raise UserError(f"distill.sampling: {cfg.sampling!r} needs a method that distils on the real samples; "
+                        f"method {cfg.method!r} allows: full")
+    ort_teacher = use_ort_teacher(cfg.teacher_runtime, loss, device)
     data = load_prepared(args.data, splits=("train", "val"))
     meta = {"classes": data.classes, "input_shape": data.input_shape, "mean": data.mean, "std": data.std}
     student = build_model(cfg.student, len(data.classes), data.input_shape[0])
@@ -42,6 +54,8 @@ def main(argv=None):
         teacher = load_model(args.teacher, device)
         if teacher.head.out_features != len(data.classes):
             raise UserError(f"{args.teacher}: teacher has {teacher.head.out_features} classes, data has {len(data.classes)}")
+        if ort_teacher:
+            teacher = OrtTeacher(teacher, data.input_shape)
     distiller = Distiller(student, teacher, loss, cfg.ce_weight, cfg.kd_weight, cfg.label_smoothing)
     train = loader(data.train, meta, device, cfg.batch_size, crop_padding=cfg.crop_padding, hflip=cfg.hflip, seed=seed)
     val = loader(data.val, meta, device, cfg.eval_batch_size)
@@ -52,7 +66,8 @@ def main(argv=None):
               f"methods.{cfg.method}": params["methods"].get(cfg.method, {})}
     if cfg.sampling == "sakd":
         logged["sakd"] = dataclasses.asdict(params["sakd"])
-    tags = {"kdcompress.method": cfg.method, "kdcompress.student": cfg.student, "kdcompress.sampling": cfg.sampling}
+    tags = {"kdcompress.method": cfg.method, "kdcompress.student": cfg.student, "kdcompress.sampling": cfg.sampling,
+            "kdcompress.teacher_runtime": "onnxruntime" if isinstance(teacher, OrtTeacher) else "torch"}
     with tracking.start_run("student", f"{cfg.student}-{cfg.method}-{cfg.sampling}", tags):
         tracking.log_params(logged)
         result = fit(distiller, train, val, selector, cfg, callbacks=[tracking.log_epoch])

@@ -45,3 +45,22 @@ def test_params_and_macs_hand_counted():
     conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1, bias=False))
     assert count_params(conv) == 18
     assert count_macs(conv, [1, 5, 5]) == 2 * 9 * 25  # out channels * kernel * output positions
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "mobilenet"])
+def test_ort_teacher_extract_matches_pytorch(arch):
+    """The onnxruntime teacher gives the same logits, embedding and named stage outputs as the
+    PyTorch model, for a channels_last input and a batch size it was not exported with."""
+    from kdcompress.ort_teacher import OrtTeacher
+
+    model = create_model(arch, 10, 1).eval()
+    x = torch.randn(5, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = model.extract(x)
+    got = OrtTeacher(model, [1, 28, 28], threads=1).extract(x)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.embedding, want.embedding, atol=1e-4, rtol=1e-4)
+    assert list(got.features) == list(want.features)
+    for name in want.features:
+        torch.testing.assert_close(got.features[name], want.features[name], atol=1e-4, rtol=1e-4)
+    assert not any(p.requires_grad for p in OrtTeacher(model, [1, 28, 28], threads=1).parameters())

@@ -86,6 +86,7 @@ def test_all_stages_end_to_end(project, capsys):
     assert set(runs) == {"teacher", "student"}
     student = runs["student"].data
     assert student.params["distill.method"] == "kd" and student.params["methods.kd.temperature"] == "4.0"
+    assert student.tags["kdcompress.teacher_runtime"] == "onnxruntime"  # auto, on the CPU
     for key in ("val_acc", "test.top1", "test.ece", "teacher_test.top1", "export.student.max_abs_diff",
                 "benchmark.student.ort_edge.p50_ms", "benchmark.ratios.teacher_over_student_ort_p50"):
         assert key in student.metrics, key
@@ -116,6 +117,11 @@ def test_teacher_checkpoint_from_user(project, tmp_path):
     ("distill", {"epochs": 0}, "distill.epochs: 0 is out of range; allowed: >= 1"),
     ("distill", {"lr": "fast"}, "distill.lr: expected float, got str"),
     ("distill", {"sampling": "some"}, "distill.sampling: 'some' is not allowed; allowed: full, sakd"),
+    ("distill", {"method": "data_free", "sampling": "sakd"},
+     "distill.sampling: 'sakd' needs a method that distils on the real samples; method 'data_free' allows: full"),
+    ("distill", {"method": "data_free", "teacher_runtime": "onnxruntime"},
+     "distill.teacher_runtime: 'onnxruntime' is not possible here (this method back-propagates through it)"),
+    ("distill", {"teacher_runtime": "tensorrt"}, "distill.teacher_runtime: 'tensorrt' is not allowed; allowed: auto"),
     ("distill", {"student": "bignet"}, "unknown model 'bignet'; allowed:"),
     ("distill", {"typo_key": 1}, "distill.typo_key: unknown key; allowed:"),
     ("distill", {"ce_weight": -1}, "distill.ce_weight: -1.0 is out of range; allowed: >= 0.0"),

@@ -20,6 +20,12 @@ class DistillLoss(nn.Module):
     """
 
     needs_teacher: bool = True
+    # True when the method back-propagates through the teacher or hooks its modules (data-free
+    # generators): it then needs the PyTorch teacher, never the onnxruntime one.
+    needs_teacher_grad: bool = False
+    # False when the student does not train on the real samples (data-free), so a sample selector
+    # such as SAKD has nothing to select.
+    selects_samples: bool = True
     batch_level: bool = False
     # (ce_weight, kd_weight) used when distill.ce_weight / distill.kd_weight are null: Hinton's
     # 0.1 CE + 0.9 KD blend for logit methods; feature methods use CE + their own weighted term.

@@ -72,6 +72,8 @@ class Generator(nn.Module):
 
 class DataFree(TemperatureScheduled, DistillLoss):
     method = "data_free"
+    needs_teacher_grad = True  # the generator step back-propagates through the teacher and hooks its BN
+    selects_samples = False  # synthetic batches: SAKD's per-index difficulty means nothing here
 
     def __init__(self, temperature: float = 4.0, z_dim: int = 100, gen_width: int = 32, gen_lr: float = 1e-3,
                  oh_weight: float = 1.0, ie_weight: float = 5.0, bn_weight: float = 1.0, adv_weight: float = 0.5,

@@ -38,7 +38,7 @@ from kdcompress.data import BatchLoader, Split
 from kdcompress.losses.kd import kl_per_sample
 from kdcompress.selection.base import SampleSelector
 from kdcompress.selection.dpp import greedy_dpp
-from kdcompress.types import ModelOutput, UserError
+from kdcompress.types import UserError
 
 FEATURE_MOMENTUM = 0.1  # weight of the old fused feature in the dropout regime (SAKD.md step 4)
 
@@ -96,26 +96,23 @@ class SAKDSelector(SampleSelector):
     the pooled ``embedding``). ``loader``: the TRAINING split's BatchLoader (iterated un-augmented,
     unshuffled, with the interruption as its ``transform``; its RNG is not touched).
     ``epochs``: N_epoch of the beta schedule. ``temperature``: of ``l_i`` (the KD method's).
-    ``batch_size``: of the difficulty pass (default: the loader's). ``teacher_extract``: optional
-    replacement for ``distiller.teacher.extract`` in the difficulty pass (e.g. an onnxruntime session
-    wrapped to return ModelOutput(logits, embedding=...)). ``alpha_rate``: "beta_raw" (default) or
+    ``batch_size``: of the difficulty pass (default: the loader's); on a CPU the pass runs whatever
+    teacher the distiller holds, the onnxruntime one by default. ``alpha_rate``: "beta_raw" (default) or
     "beta", the rate in the alpha update (SAKD.md step 5 choice). ``dpp_block``: speed knob of the DPP.
     """
 
     def __init__(self, cfg: SAKDConfig, distiller: nn.Module, loader: BatchLoader, epochs: int,
                  temperature: float = 4.0, seed: int = 0, *, batch_size: int | None = None,
-                 num_classes: int | None = None, alpha_rate: str = "beta_raw",
-                 teacher_extract: Callable[[torch.Tensor], ModelOutput] | None = None, dpp_block: int = 512):
+                 num_classes: int | None = None, alpha_rate: str = "beta_raw", dpp_block: int = 512):
         if alpha_rate not in ("beta_raw", "beta"):
             raise UserError(f"sakd alpha_rate: {alpha_rate!r} is not allowed; allowed: beta_raw, beta")
-        if getattr(distiller, "teacher", None) is None and teacher_extract is None:
+        if getattr(distiller, "teacher", None) is None:
             raise UserError("distill.sampling: sakd needs a teacher, the distiller has none (method 'ce'?)")
         self.cfg = cfg
         self.distiller = distiller
         self.epochs = int(epochs)
         self.temperature = float(temperature)
         self.alpha_rate = alpha_rate
-        self.teacher_extract = teacher_extract
         self.dpp_block = dpp_block
         if batch_size is not None and batch_size != loader.batch_size:  # same tensors, own batch size
             loader = BatchLoader(Split(loader.images, loader.labels), loader.mean.flatten().tolist(),
@@ -159,17 +156,15 @@ class SAKDSelector(SampleSelector):
     def difficulty_pass(self, transform: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample ``l_i`` [N] and teacher embeddings [N, D] on interrupted, un-augmented inputs."""
         student, teacher = self.distiller.student, self.distiller.teacher
-        extract = self.teacher_extract or teacher.extract
         was_training = student.training
-        teacher_was_training = teacher.training if teacher is not None else False
+        teacher_was_training = teacher.training
         student.eval()
-        if teacher is not None:
-            teacher.eval()
+        teacher.eval()
         losses, feats = [], []
         try:
             with torch.inference_mode():
                 for x, _, _ in self.loader.batches(shuffle=False, augment=False, transform=transform):
-                    t_out = extract(x)
+                    t_out = teacher.extract(x)
                     s_out = student.extract(x)
                     losses.append(kl_per_sample(s_out.logits.float(), t_out.logits.float(), self.temperature))
                     emb = t_out.embedding
@@ -178,8 +173,7 @@ class SAKDSelector(SampleSelector):
                     feats.append(emb.float().flatten(1))
         finally:
             student.train(was_training)
-            if teacher is not None:
-                teacher.train(teacher_was_training)
+            teacher.train(teacher_was_training)
         # clone outside inference mode: these tensors meet autograd later (alpha * CE)
         return torch.cat(losses).clone(), torch.cat(feats).clone()
 

@@ -1,0 +1,61 @@
+"""The frozen teacher served by onnxruntime: on a CPU its forward pass is most of a distillation
+epoch (the teacher has ~16x the student's MACs), and onnxruntime runs it faster than PyTorch eager.
+
+``OrtTeacher(model, input_shape)`` exports ``model.extract`` (logits, embedding and every named
+stage output) to an in-memory ONNX graph, checks it against PyTorch on a probe batch, and from
+then on answers ``extract(x)`` with the same ``ModelOutput`` the PyTorch teacher gives. It has no
+parameters and no gradients, so it only stands in for a teacher that losses run forward without
+grad (``DistillLoss.needs_teacher_grad`` is False).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdcompress.export import INPUT_NAME, ParityError, session, to_onnx
+from kdcompress.types import ModelOutput
+
+
+class _Extract(nn.Module):
+    """``extract`` as a flat tuple: (logits, embedding, *stage outputs), what ONNX can return."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model.extract(x)
+        return (out.logits, out.embedding, *out.features.values())
+
+
+class OrtTeacher(nn.Module):
+    def __init__(self, model: nn.Module, input_shape: list[int], threads: int = 0, opset: int = 18,
+                 atol: float = 1e-3):
+        super().__init__()
+        model = model.eval().to("cpu")
+        probe = torch.randn(4, *input_shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = _Extract(model)(probe)
+        self.stages = list(model.extract(probe[:1]).features)
+        self.out_names = ["logits", "embedding", *self.stages]
+        proto = to_onnx(_Extract(model), input_shape, opset, {}, output_names=tuple(self.out_names))
+        self.session = session(proto.SerializeToString(), threads=threads or torch.get_num_threads(), spin=False)
+        self.num_classes = expected[0].shape[1]
+        for name, got, want in zip(self.out_names, self._run(probe), expected, strict=True):
+            diff = (got - want).abs().max().item()
+            if diff > atol * max(1.0, want.abs().max().item()):
+                raise ParityError(f"onnxruntime teacher: output {name!r} differs from PyTorch by {diff:.3g}; "
+                                  f"set distill.teacher_runtime: torch")
+
+    def _run(self, x: torch.Tensor) -> list[torch.Tensor]:
+        arrays = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(x.detach().cpu().numpy())})
+        return [torch.from_numpy(a) for a in arrays]
+
+    def extract(self, x: torch.Tensor) -> ModelOutput:
+        logits, embedding, *features = (t.to(x.device) for t in self._run(x))
+        return ModelOutput(logits=logits, features=dict(zip(self.stages, features)), embedding=embedding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.extract(x).logits
