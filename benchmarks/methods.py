@@ -43,7 +43,8 @@ def main(argv=None):
     out = Path(args.out)
     results_path = out / "methods.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    todo = [(m, s) for m in args.methods for s in args.seeds if f"{m}/seed{s}" not in results]  # resumable
+    # seed-major, so that a partial run covers every method once; finished runs are skipped (resumable)
+    todo = [(m, s) for s in args.seeds for m in args.methods if f"{m}/seed{s}" not in results]
     if args.jobs > 1:
         overrides["base.num_threads"] = max(1, (os.cpu_count() or 1) // args.jobs)
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -56,9 +57,9 @@ def main(argv=None):
             except (Exception, SystemExit) as err:  # keep going; a rerun retries what failed
                 failed.append(f"{running[done]}: {err}")
                 continue
-            write_json(results_path, results)  # only this process writes it
-    atomic_write(out / "methods.md", table(results, args.methods), text=True)
-    print((out / "methods.md").read_text())
+            write_json(results_path, results)  # only this process writes them
+            atomic_write(out / "methods.md", table(results, args.methods), text=True)
+    print(table(results, args.methods))
     if failed:
         raise SystemExit("failed runs (not recorded): " + "; ".join(failed))
 
