@@ -10,7 +10,23 @@ from pathlib import Path
 
 import yaml
 
+from kdcompress.tracking import file_sha
 from pipeline import distill, evaluate
+
+TEACHER = "artifacts/teacher/teacher.pt"  # what the distill stage reads by default
+
+
+def teacher_sha(results: dict, results_path: Path) -> str:
+    """The hash (tracking.file_sha) of the teacher `dvc repro` made; refuses to add runs to a results file whose
+    runs (those that recorded one) were made with another teacher: a table must have one teacher."""
+    if not Path(TEACHER).exists():
+        raise SystemExit(f"{TEACHER}: not found; run `dvc repro train_teacher` first")
+    sha = file_sha(TEACHER)
+    other = {r["teacher_sha"] for r in results.values() if r.get("teacher_sha")} - {sha}
+    if other:
+        raise SystemExit(f"{results_path}: its runs used another teacher (sha {', '.join(sorted(other))}; {TEACHER} "
+                         f"is {sha}); move the file away or restore that teacher")
+    return sha
 
 
 def run_student(name: str, out_root: Path, overrides: dict, params_path: str = "params.yaml") -> dict:

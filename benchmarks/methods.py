@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks._runs import mean_std, run_student
+from benchmarks._runs import mean_std, run_student, teacher_sha
 from kdcompress.io import atomic_write, write_json
 from kdcompress.losses import LOSSES
 from kdcompress.metrics import rank_table
@@ -43,6 +43,7 @@ def main(argv=None):
     out = Path(args.out)
     results_path = out / "methods.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    teacher = teacher_sha(results, results_path)
     # seed-major, so that a partial run covers every method once; finished runs are skipped (resumable)
     todo = [(m, s) for s in args.seeds for m in args.methods if f"{m}/seed{s}" not in results]
     if args.jobs > 1:
@@ -53,7 +54,7 @@ def main(argv=None):
         failed = []
         for done in as_completed(running):
             try:
-                results[running[done]] = {**done.result(), "jobs": args.jobs}
+                results[running[done]] = {**done.result(), "jobs": args.jobs, "teacher_sha": teacher}
             except (Exception, SystemExit) as err:  # keep going; a rerun retries what failed
                 failed.append(f"{running[done]}: {err}")
                 continue
