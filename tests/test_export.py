@@ -63,4 +63,40 @@ def test_ort_teacher_extract_matches_pytorch(arch):
     assert list(got.features) == list(want.features)
     for name in want.features:
         torch.testing.assert_close(got.features[name], want.features[name], atol=1e-4, rtol=1e-4)
-    assert not any(p.requires_grad for p in OrtTeacher(model, [1, 28, 28], threads=1).parameters())
+
+
+@pytest.mark.parametrize("method", ["kd", "at", "crd"])
+def test_distillation_step_same_with_ort_teacher(method):
+    """A logit, a feature and an embedding method: same loss and same student gradients whether the
+    teacher runs on PyTorch or onnxruntime."""
+    from kdcompress.distiller import Distiller
+    from kdcompress.losses import build_loss
+    from kdcompress.ort_teacher import OrtTeacher
+
+    teacher = create_model("resnet20", 10, 1).eval()
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    results = []
+    for runtime in (teacher, OrtTeacher(teacher, [1, 28, 28], threads=1)):
+        torch.manual_seed(0)
+        student = create_model("tinycnn", 10, 1)
+        distiller = Distiller(student, runtime, build_loss(method, None))
+        distiller.setup(x)
+        out = distiller(x, y)
+        out.loss.backward()
+        results.append((out.loss.detach(), student.head.weight.grad.clone()))
+    (loss_pt, grad_pt), (loss_ort, grad_ort) = results
+    assert loss_pt > 0
+    torch.testing.assert_close(loss_ort, loss_pt, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grad_ort, grad_pt, atol=1e-4, rtol=1e-4)
+
+
+def test_teacher_runtime_auto():
+    """auto: onnxruntime on the CPU, PyTorch on CUDA and for a method that needs the teacher's grads."""
+    from kdcompress.losses import build_loss
+    from pipeline.distill import use_ort_teacher
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    kd, data_free = build_loss("kd", None), build_loss("data_free", None)
+    assert use_ort_teacher("auto", kd, cpu) and use_ort_teacher("onnxruntime", kd, cpu)
+    assert not use_ort_teacher("auto", kd, cuda) and not use_ort_teacher("torch", kd, cpu)
+    assert not use_ort_teacher("auto", data_free, cpu)
