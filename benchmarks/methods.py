@@ -75,7 +75,8 @@ def table(results: dict, methods: list[str]) -> str:
             continue
         stats = {m: mean_std([r[m] for r in runs]) for m in SHOWN}
         means[method] = {m: s[0] for m, s in stats.items()}
-        cells = [f"{s[0]:.4f} ± {s[1]:.4f}" if m != "epoch_seconds" else f"{s[0]:.1f}" for m, s in stats.items()]
+        cells = [f"{s[0]:.1f}" if m == "epoch_seconds" else f"{s[0]:.4f} ± {s[1]:.4f}" if len(runs) > 1
+                 else f"{s[0]:.4f}" for m, s in stats.items()]  # one seed: no spread to show
         rows.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
     jobs = sorted({r.get("jobs", 1) for r in results.values()})
     rows += ["", f"epoch_seconds: wall time per training epoch with {' or '.join(map(str, jobs))} run(s) side by side "
