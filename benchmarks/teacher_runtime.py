@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from benchmarks._runs import TEACHER
 from kdcompress.data import load_prepared
 from kdcompress.ort_teacher import OrtTeacher
 from pipeline._common import load_model, loader
@@ -34,8 +35,8 @@ def main(argv=None):
     data = load_prepared("artifacts/data", splits=("train",))
     batches = [x for x, _, _ in loader(data.train, {"mean": data.mean, "std": data.std}, cpu, args.batch_size,
                                        crop_padding=2, hflip=True, seed=0).batches()][:args.batches]
-    torch_teacher = load_model("artifacts/teacher/teacher.pt", cpu)
-    ort_teacher = OrtTeacher(load_model("artifacts/teacher/teacher.pt", cpu), data.input_shape)
+    torch_teacher = load_model(TEACHER, cpu)
+    ort_teacher = OrtTeacher(load_model(TEACHER, cpu), data.input_shape)  # its own copy: export changes the layout
     runtimes = {"torch": torch_teacher.extract, "onnxruntime": ort_teacher.extract}
     seconds = {name: [] for name in runtimes}
     with torch.no_grad():

@@ -15,7 +15,17 @@ import torch
 from torch import nn
 
 from kdcompress.export import INPUT_NAME, ParityError, session, to_onnx
-from kdcompress.types import ModelOutput
+from kdcompress.types import ModelOutput, UserError
+
+
+def use_ort_teacher(runtime: str, loss, device: torch.device) -> bool:
+    """Serve the frozen teacher with onnxruntime (``distill.teacher_runtime``)? ``auto``: on the CPU,
+    unless the method needs the teacher's grads; an impossible explicit choice is a UserError."""
+    needs_grad = loss is not None and loss.needs_teacher_grad
+    if runtime == "onnxruntime" and (device.type != "cpu" or needs_grad):
+        why = "the device is not the CPU" if device.type != "cpu" else "this method back-propagates through it"
+        raise UserError(f"distill.teacher_runtime: 'onnxruntime' is not possible here ({why}); allowed: auto, torch")
+    return runtime == "onnxruntime" or (runtime == "auto" and device.type == "cpu" and not needs_grad)
 
 
 class _Extract(nn.Module):
@@ -37,13 +47,13 @@ class OrtTeacher(nn.Module):
         model = model.eval().to("cpu")
         probe = torch.randn(4, *input_shape, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            expected = _Extract(model)(probe)
-        self.stages = list(model.extract(probe[:1]).features)
-        self.out_names = ["logits", "embedding", *self.stages]
-        proto = to_onnx(_Extract(model), input_shape, opset, {}, output_names=tuple(self.out_names))
+            out = model.extract(probe)
+        self.stages = list(out.features)
+        out_names = ("logits", "embedding", *self.stages)  # the order _Extract returns them in
+        proto = to_onnx(_Extract(model), input_shape, opset, {}, output_names=out_names)
         self.session = session(proto.SerializeToString(), threads=threads or torch.get_num_threads(), spin=False)
-        self.num_classes = expected[0].shape[1]
-        for name, got, want in zip(self.out_names, self._run(probe), expected, strict=True):
+        expected = (out.logits, out.embedding, *out.features.values())
+        for name, got, want in zip(out_names, self._run(probe), expected, strict=True):
             diff = (got - want).abs().max().item()
             if diff > atol * max(1.0, want.abs().max().item()):
                 raise ParityError(f"onnxruntime teacher: output {name!r} differs from PyTorch by {diff:.3g}; "

@@ -13,20 +13,11 @@ from kdcompress.data import load_prepared
 from kdcompress.distiller import Distiller
 from kdcompress.io import atomic_write, write_csv, write_json
 from kdcompress.losses import LOSSES, build_loss, check_method_params
-from kdcompress.ort_teacher import OrtTeacher
+from kdcompress.ort_teacher import OrtTeacher, use_ort_teacher
 from kdcompress.selection import build_selector
 from kdcompress.train import fit
 from kdcompress.types import UserError
 from pipeline._common import build_model, load_model, loader, setup, stage
-
-
-def use_ort_teacher(runtime: str, loss, device: torch.device) -> bool:
-    """Serve the frozen teacher with onnxruntime? ``auto``: on CPU, unless the method needs its grads."""
-    needs_grad = loss is not None and loss.needs_teacher_grad
-    if runtime == "onnxruntime" and (device.type != "cpu" or needs_grad):
-        why = "the device is not the CPU" if device.type != "cpu" else "this method back-propagates through it"
-        raise UserError(f"distill.teacher_runtime: 'onnxruntime' is not possible here ({why}); allowed: auto, torch")
-    return runtime == "onnxruntime" or (runtime == "auto" and device.type == "cpu" and not needs_grad)
 
 
 @stage

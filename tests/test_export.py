@@ -93,7 +93,7 @@ def test_distillation_step_same_with_ort_teacher(method):
 def test_teacher_runtime_auto():
     """auto: onnxruntime on the CPU, PyTorch on CUDA and for a method that needs the teacher's grads."""
     from kdcompress.losses import build_loss
-    from pipeline.distill import use_ort_teacher
+    from kdcompress.ort_teacher import use_ort_teacher
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     kd, data_free = build_loss("kd", None), build_loss("data_free", None)
