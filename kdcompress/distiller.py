@@ -73,7 +73,8 @@ class Distiller(nn.Module):
             else:
                 alpha = kd_weight.mean() if self.loss.batch_level else kd_weight
                 per_sample = (1 - kd_weight) * ce + alpha * kd
-        return StepOutput(loss=per_sample.mean(), logits=s.logits.detach(), per_sample=per_sample.detach())
+        return StepOutput(loss=per_sample.mean(), logits=s.logits.detach(), per_sample=per_sample.detach(),
+                          target=y)
 
     def after_step(self) -> None:
         if self.loss is not None:

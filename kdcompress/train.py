@@ -118,7 +118,7 @@ def fit(distiller: Distiller, train: BatchLoader, val: BatchLoader, selector: Sa
             distiller.after_step()
             selector.observe(idx, out.per_sample)
             total_loss += out.loss.item() * len(y)
-            correct += (out.logits.argmax(1) == y).sum().item()
+            correct += (out.logits.argmax(1) == out.target).sum().item()  # data_free trains on teacher labels
             seen += len(y)
         train_seconds = time.perf_counter() - t_epoch
         val_logits, val_labels = predict(student, val, desc="val")

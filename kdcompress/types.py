@@ -23,12 +23,14 @@ class ModelOutput:
 
 @dataclass
 class StepOutput:
-    """One distiller step: the scalar loss to back-propagate, the student logits and the
-    per-sample total loss (detached), which sample selectors may observe."""
+    """One distiller step: the scalar loss to back-propagate, the student logits, the per-sample
+    total loss (detached), which sample selectors may observe, and the labels the step trained on
+    (the batch's own, unless the loss replaced the batch, as data_free does)."""
 
     loss: torch.Tensor
     logits: torch.Tensor
     per_sample: torch.Tensor
+    target: torch.Tensor
 
 
 class UserError(Exception):

@@ -376,3 +376,20 @@ def test_data_free_replaces_the_batch_with_teacher_labelled_synthetic_images():
     torch.testing.assert_close(labels, fresh.logits.argmax(1))
     assert all(p.grad is None for p in d.teacher.parameters())
     assert all(p.grad is None for p in d.student.parameters())  # the generator step leaves no grads behind
+
+
+
+@pytest.mark.parametrize("name", ["kd", "data_free"])
+def test_step_reports_the_labels_it_trained_on(name):
+    d = make_distiller(name, student=FakeNet(width=4))
+    x, y = batch()
+    d.setup(x)
+    d.train()
+    prepared = []
+    prepare = d.loss.prepare_batch
+    d.loss.prepare_batch = lambda *b: prepared.append(prepare(*b)) or prepared[-1]
+    out = d(x, y)
+    # kd trains on the batch's labels; data_free on the teacher's labels of its synthetic batch,
+    # and train_acc must be measured against those
+    assert torch.equal(out.target, prepared[0][1])
+    assert torch.equal(out.target, y) == (name == "kd")
