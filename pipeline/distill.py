@@ -12,7 +12,7 @@ from kdcompress.checkpoint import save_checkpoint
 from kdcompress.data import load_prepared
 from kdcompress.distiller import Distiller
 from kdcompress.io import atomic_write, write_csv, write_json
-from kdcompress.losses import LOSSES, build_loss, check_method_params
+from kdcompress.losses import build_loss, check_methods
 from kdcompress.ort_teacher import OrtTeacher, use_ort_teacher
 from kdcompress.selection import build_selector
 from kdcompress.train import fit
@@ -27,10 +27,7 @@ def main(argv=None):
                                  metrics="artifacts/metrics/distill.json", plots="artifacts/plots/distill_history.csv",
                                  rounds="artifacts/plots/selection_rounds.csv")
     cfg, seed = params["distill"], params["base"].seed
-    for name, block in params["methods"].items():  # every block, so a typo in any fails now
-        if name not in LOSSES:
-            raise UserError(f"methods.{name}: unknown method; allowed: {', '.join(sorted(LOSSES))}")
-        check_method_params(name, block)
+    check_methods(params["methods"])
     loss = build_loss(cfg.method, params["methods"].get(cfg.method))
     if cfg.sampling != "full" and (loss is None or not loss.selects_samples):
         raise UserError(f"distill.sampling: {cfg.sampling!r} needs a method that distils on the real samples; "

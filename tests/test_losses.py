@@ -378,7 +378,6 @@ def test_data_free_replaces_the_batch_with_teacher_labelled_synthetic_images():
     assert all(p.grad is None for p in d.student.parameters())  # the generator step leaves no grads behind
 
 
-
 @pytest.mark.parametrize("name", ["kd", "data_free"])
 def test_step_reports_the_labels_it_trained_on(name):
     d = make_distiller(name, student=FakeNet(width=4))

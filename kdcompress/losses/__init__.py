@@ -67,6 +67,15 @@ def check_method_params(name: str, params: dict | None) -> dict:
     return {**defaults, **params}
 
 
+def check_methods(blocks: dict) -> None:
+    """Validate every ``methods.<name>`` block of params.yaml, not only the chosen method's, so a
+    typo in any block fails now rather than in a later experiment."""
+    for name, block in blocks.items():
+        if name not in LOSSES:
+            raise UserError(f"methods.{name}: unknown method; allowed: {', '.join(sorted(LOSSES))}")
+        check_method_params(name, block)
+
+
 def build_loss(name: str, params: dict | None = None) -> DistillLoss | None:
     """Build method ``name``; ranges and choices are checked by its ``__init__`` (UserError)."""
     kwargs = check_method_params(name, params)
