@@ -1,5 +1,5 @@
 """Shared by the benchmark scripts: one distill + evaluate run of the real pipeline stages with
-params overrides, on the prepared data and the teacher that `dvc repro` produced."""
+params overrides, on the prepared data that `dvc repro` produced and its teacher (or a pinned one)."""
 
 from __future__ import annotations
 
@@ -10,26 +10,37 @@ from pathlib import Path
 
 import yaml
 
+from kdcompress.io import atomic_write
 from kdcompress.tracking import file_sha
 from pipeline import distill, evaluate
 
 TEACHER = "artifacts/teacher/teacher.pt"  # what the distill stage reads by default
 
 
-def teacher_sha(results: dict, results_path: Path) -> str:
-    """The hash (tracking.file_sha) of the teacher `dvc repro` made; refuses to add runs to a results file whose
-    runs (those that recorded one) were made with another teacher: a table must have one teacher."""
-    if not Path(TEACHER).exists():
-        raise SystemExit(f"{TEACHER}: not found; run `dvc repro train_teacher` first")
-    sha = file_sha(TEACHER)
+def pin_teacher(results: dict, results_path: Path) -> tuple[Path, str]:
+    """The teacher every run of a results file uses, and its hash (tracking.file_sha): ``<name>_teacher.pt``
+    beside the results, committed with them. Training the teacher again on another machine gives other
+    weights (CPU kernels differ), so a table filled in over several sessions needs its teacher kept.
+    Pinned from the teacher `dvc repro` made when a results file starts; refuses to add runs to a
+    results file whose runs (those that recorded one) were made with another teacher."""
+    pinned = results_path.with_name(results_path.stem + "_teacher.pt")
+    if not pinned.exists():
+        if results:
+            raise SystemExit(f"{pinned}: not found, but {results_path} has runs; restore it (git checkout) "
+                             "or move the results away to start a new table")
+        if not Path(TEACHER).exists():
+            raise SystemExit(f"{TEACHER}: not found; run `dvc repro train_teacher` first")
+        atomic_write(pinned, Path(TEACHER).read_bytes())
+    sha = file_sha(pinned)
     other = {r["teacher_sha"] for r in results.values() if r.get("teacher_sha")} - {sha}
     if other:
-        raise SystemExit(f"{results_path}: its runs used another teacher (sha {', '.join(sorted(other))}; {TEACHER} "
-                         f"is {sha}); move the file away or restore that teacher")
-    return sha
+        raise SystemExit(f"{results_path}: its runs used another teacher (sha {', '.join(sorted(other))}; {pinned} "
+                         f"is {sha}); move the results away or restore that teacher")
+    return pinned, sha
 
 
-def run_student(name: str, out_root: Path, overrides: dict, params_path: str = "params.yaml") -> dict:
+def run_student(name: str, out_root: Path, overrides: dict, params_path: str = "params.yaml",
+                teacher: str | Path = TEACHER) -> dict:
     """Distil and evaluate one student; returns test metrics + timing. Logged to MLflow as usual."""
     folder = out_root / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -41,7 +52,7 @@ def run_student(name: str, out_root: Path, overrides: dict, params_path: str = "
             node = node.setdefault(part, {})
         node[leaf] = value
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
-    args = ["--params", str(folder / "params.yaml")]
+    args = ["--params", str(folder / "params.yaml"), "--teacher", str(teacher)]
     code = distill.main(args + ["--out", str(folder / "student.pt"), "--last", str(folder / "student_last.pt"),
                                 "--metrics", str(folder / "distill.json"), "--plots", str(folder / "history.csv"),
                                 "--rounds", str(folder / "rounds.csv")])

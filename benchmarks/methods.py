@@ -4,10 +4,12 @@
 
 Needs `dvc repro` first (prepared data + teacher). Writes benchmarks/results/methods.{json,md}:
 test accuracy, ECE, agreement, training time per epoch (mean ± std over seeds) and the seed
-notebook's rank table (ranks per metric, average rank). Finished runs are kept in methods.json,
-so an interrupted benchmark resumes where it stopped. ``--jobs N`` runs N students side by side,
-each with cores/N threads: on a small CPU that gets more done per hour than one run on all cores
-(the per-epoch times are then those of a run sharing the machine; compare them within one table).
+notebook's rank table (ranks per metric, average rank). Finished runs are kept in methods.json
+and the teacher they used in methods_teacher.pt (commit both), so an interrupted benchmark
+resumes where it stopped, also on another machine, where `dvc repro prepare` is then enough.
+``--jobs N`` runs N students side by side, each with cores/N threads: on a small CPU that gets
+more done per hour than one run on all cores (the per-epoch times are then those of a run
+sharing the machine; compare them within one table).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks._runs import mean_std, run_student, teacher_sha
+from benchmarks._runs import mean_std, pin_teacher, run_student
 from kdcompress.io import atomic_write, write_json
 from kdcompress.losses import LOSSES
 from kdcompress.metrics import rank_table
@@ -43,18 +45,19 @@ def main(argv=None):
     out = Path(args.out)
     results_path = out / "methods.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    teacher = teacher_sha(results, results_path)
+    teacher, teacher_sha = pin_teacher(results, results_path)
     # seed-major, so that a partial run covers every method once; finished runs are skipped (resumable)
     todo = [(m, s) for s in args.seeds for m in args.methods if f"{m}/seed{s}" not in results]
     if args.jobs > 1:
         overrides["base.num_threads"] = max(1, (os.cpu_count() or 1) // args.jobs)
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         running = {pool.submit(run_student, f"methods/{m}_seed{s}", out / "runs",
-                               {**overrides, "distill.method": m, "base.seed": s}): f"{m}/seed{s}" for m, s in todo}
+                               {**overrides, "distill.method": m, "base.seed": s}, teacher=teacher): f"{m}/seed{s}"
+                   for m, s in todo}
         failed = []
         for done in as_completed(running):
             try:
-                results[running[done]] = {**done.result(), "jobs": args.jobs, "teacher_sha": teacher}
+                results[running[done]] = {**done.result(), "jobs": args.jobs, "teacher_sha": teacher_sha}
             except (Exception, SystemExit) as err:  # keep going; a rerun retries what failed
                 failed.append(f"{running[done]}: {err}")
                 continue

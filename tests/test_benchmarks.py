@@ -1,0 +1,37 @@
+"""The method benchmark keeps one teacher per results file, so a table can be filled in over several
+sessions on different machines (benchmarks._runs.pin_teacher)."""
+
+import pytest
+
+from benchmarks import _runs
+from kdcompress.tracking import file_sha
+
+
+def test_pin_teacher_copies_the_dvc_teacher_once_and_refuses_another(tmp_path, monkeypatch):
+    made = tmp_path / "teacher.pt"
+    made.write_bytes(b"weights A")
+    monkeypatch.setattr(_runs, "TEACHER", str(made))
+    results_path = tmp_path / "results" / "methods.json"
+
+    pinned, sha = _runs.pin_teacher({}, results_path)
+    assert pinned == tmp_path / "results" / "methods_teacher.pt"
+    assert pinned.read_bytes() == b"weights A" and sha == file_sha(made)
+
+    made.write_bytes(b"weights B")  # `dvc repro` on another machine trains other weights
+    runs = {"kd/seed0": {"teacher_sha": sha}}
+    assert _runs.pin_teacher(runs, results_path) == (pinned, sha)
+    assert pinned.read_bytes() == b"weights A"
+
+    pinned.write_bytes(b"weights C")
+    with pytest.raises(SystemExit, match="another teacher"):
+        _runs.pin_teacher(runs, results_path)
+    pinned.unlink()
+    with pytest.raises(SystemExit, match="not found, but"):
+        _runs.pin_teacher(runs, results_path)
+    assert not pinned.exists()  # runs exist: never re-pinned from whatever `dvc repro` made
+
+
+def test_pin_teacher_needs_a_teacher_to_start(tmp_path, monkeypatch):
+    monkeypatch.setattr(_runs, "TEACHER", str(tmp_path / "missing.pt"))
+    with pytest.raises(SystemExit, match="dvc repro train_teacher"):
+        _runs.pin_teacher({}, tmp_path / "methods.json")
