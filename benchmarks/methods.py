@@ -46,8 +46,7 @@ def main(argv=None):
     results_path = out / "methods.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     teacher, teacher_sha = pin_teacher(results, results_path)
-    # seed-major, so that a partial run covers every method once; finished runs are skipped (resumable)
-    todo = [(m, s) for s in args.seeds for m in args.methods if f"{m}/seed{s}" not in results]
+    todo = plan(results, args.methods, args.seeds)
     if args.jobs > 1:
         overrides["base.num_threads"] = max(1, (os.cpu_count() or 1) // args.jobs)
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -66,6 +65,15 @@ def main(argv=None):
     print(table(results, args.methods))
     if failed:
         raise SystemExit("failed runs (not recorded): " + "; ".join(failed))
+
+
+def plan(results: dict, methods: list[str], seeds: list[int]) -> list[tuple[str, int]]:
+    """The (method, seed) runs still to do, seed-major, so that a partial benchmark covers every method once;
+    within a seed the methods that took longest on another seed go first, so that side-by-side jobs end
+    together instead of one long run finishing alone on one core."""
+    seconds = {key.split("/")[0]: run["train_seconds"] for key, run in results.items()}
+    todo = [(m, s) for s in seeds for m in methods if f"{m}/seed{s}" not in results]
+    return sorted(todo, key=lambda ms: (seeds.index(ms[1]), -seconds.get(ms[0], 0.0)))
 
 
 def table(results: dict, methods: list[str]) -> str:

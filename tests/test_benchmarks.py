@@ -35,3 +35,13 @@ def test_pin_teacher_needs_a_teacher_to_start(tmp_path, monkeypatch):
     monkeypatch.setattr(_runs, "TEACHER", str(tmp_path / "missing.pt"))
     with pytest.raises(SystemExit, match="dvc repro train_teacher"):
         _runs.pin_teacher({}, tmp_path / "methods.json")
+
+
+def test_plan_skips_finished_runs_and_starts_each_seed_with_the_slowest_methods():
+    from benchmarks.methods import plan
+
+    results = {"kd/seed0": {"train_seconds": 450.0}, "data_free/seed0": {"train_seconds": 3600.0},
+               "ce/seed0": {"train_seconds": 130.0}, "kd/seed1": {"train_seconds": 440.0}}
+    methods = ["ce", "kd", "dkd", "data_free"]
+    assert plan(results, methods, [0, 1]) == [("dkd", 0), ("data_free", 1), ("ce", 1), ("dkd", 1)]
+    assert plan(results, methods, [1]) == [("data_free", 1), ("ce", 1), ("dkd", 1)]
