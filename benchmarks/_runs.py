@@ -12,7 +12,8 @@ import yaml
 
 from kdcompress.io import atomic_write
 from kdcompress.tracking import file_sha
-from pipeline import distill, evaluate
+from pipeline import benchmark, distill, evaluate, export, quantize
+from pipeline import ship as ship_stage
 
 TEACHER = "artifacts/teacher/teacher.pt"  # what the distill stage reads by default
 
@@ -40,8 +41,10 @@ def pin_teacher(results: dict, results_path: Path) -> tuple[Path, str]:
 
 
 def run_student(name: str, out_root: Path, overrides: dict, params_path: str = "params.yaml",
-                teacher: str | Path = TEACHER) -> dict:
-    """Distil and evaluate one student; returns test metrics + timing. Logged to MLflow as usual."""
+                teacher: str | Path = TEACHER, ship: bool = False) -> dict:
+    """Distil and evaluate one student (and with ``ship``, export, quantize and benchmark it too);
+    returns test metrics + timing. Logged to MLflow as usual. A step whose output the run's folder
+    already holds (from an interrupted run with the same name) is not run again."""
     folder = out_root / name
     folder.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load(Path(params_path).read_text())
@@ -52,24 +55,42 @@ def run_student(name: str, out_root: Path, overrides: dict, params_path: str = "
             node = node.setdefault(part, {})
         node[leaf] = value
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
-    args = ["--params", str(folder / "params.yaml"), "--teacher", str(teacher)]
-    code = distill.main(args + ["--out", str(folder / "student.pt"), "--last", str(folder / "student_last.pt"),
-                                "--metrics", str(folder / "distill.json"), "--plots", str(folder / "history.csv"),
-                                "--rounds", str(folder / "rounds.csv")])
-    if code:
-        raise SystemExit(f"{name}: distill failed")
-    code = evaluate.main(args + ["--student", str(folder / "student.pt"), "--metrics", str(folder / "evaluate.json"),
-                                 "--plots", str(folder)])
-    if code:
-        raise SystemExit(f"{name}: evaluate failed")
+    params_arg, teacher_arg = ["--params", str(folder / "params.yaml")], ["--teacher", str(teacher)]
+    student = ["--student", str(folder / "student.pt")]
+    files = {f: str(folder / f) for f in ("distill.json", "evaluate.json", "export.json", "quantize.json",
+                                                   "benchmark.json", "summary.json", "onnx", "ship")}
+    steps = [(distill, "distill.json", params_arg + teacher_arg + [
+                 "--out", str(folder / "student.pt"), "--last", str(folder / "student_last.pt"), "--metrics",
+                 files["distill.json"], "--plots", str(folder / "history.csv"), "--rounds", str(folder / "rounds.csv")]),
+             (evaluate, "evaluate.json", params_arg + teacher_arg + student + [
+                 "--metrics", files["evaluate.json"], "--plots", str(folder)])]
+    if ship:
+        steps += [(export, "export.json", params_arg + teacher_arg + student + [
+                      "--evaluation", files["evaluate.json"], "--out", files["onnx"], "--metrics", files["export.json"]]),
+                  (quantize, "quantize.json", params_arg + student + ["--onnx", files["onnx"], "--metrics",
+                                                                      files["quantize.json"]]),
+                  (benchmark, "benchmark.json", params_arg + student + ["--onnx", files["onnx"], "--metrics",
+                                                                        files["benchmark.json"]]),
+                  (ship_stage, "summary.json", student + [
+                      "--onnx", files["onnx"], "--evaluation", files["evaluate.json"], "--quantization",
+                      files["quantize.json"], "--benchmark", files["benchmark.json"], "--out", files["ship"],
+                      "--metrics", files["summary.json"]])]
+    for stage, output, stage_args in steps:
+        if not (folder / output).exists() and stage.main(stage_args):
+            raise SystemExit(f"{name}: {stage.__name__.rsplit('.', 1)[-1]} failed")
     fit = json.loads((folder / "distill.json").read_text())
     test = json.loads((folder / "evaluate.json").read_text())["student"]
     epochs = params["distill"]["epochs"]
     rounds = list(csv.DictReader((folder / "rounds.csv").open()))
     round_seconds = [float(r["round_seconds"]) for r in rounds if r.get("round_seconds")]
-    return {**test, "train_seconds": fit["train_seconds"], "epoch_seconds": fit["train_seconds"] / epochs,
-            "samples_seen": fit["samples_seen"], "rounds": len(round_seconds),
-            "round_seconds": statistics.fmean(round_seconds) if round_seconds else 0.0}
+    result = {**test, "train_seconds": fit["train_seconds"], "epoch_seconds": fit["train_seconds"] / epochs,
+              "samples_seen": fit["samples_seen"], "rounds": len(round_seconds),
+              "round_seconds": statistics.fmean(round_seconds) if round_seconds else 0.0}
+    if ship:
+        result["ship"] = json.loads((folder / "summary.json").read_text())
+        result["quantize"] = json.loads((folder / "quantize.json").read_text())
+        result["benchmark"] = json.loads((folder / "benchmark.json").read_text())
+    return result
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

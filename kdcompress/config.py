@@ -143,6 +143,14 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class QuantizeConfig:
+    calibration: str = _opt("minmax", choices=("minmax", "entropy", "percentile"))
+    samples: int = _opt(512, lo=1)  # seeded sample of training images (never test)
+    per_channel: bool = True
+    max_drop: float = _opt(0.5, lo=0.0)  # gate: int8 test top-1 at most this many points below fp32
+
+
+@dataclass(frozen=True)
 class BenchmarkConfig:
     warmup: int = _opt(50, lo=0)
     runs: int = _opt(300, lo=200)
@@ -152,7 +160,8 @@ class BenchmarkConfig:
 
 SECTIONS = {
     "base": BaseConfig, "data": DataConfig, "teacher": TeacherConfig, "distill": DistillConfig,
-    "sakd": SAKDConfig, "evaluate": EvaluateConfig, "export": ExportConfig, "benchmark": BenchmarkConfig,
+    "sakd": SAKDConfig, "evaluate": EvaluateConfig, "export": ExportConfig, "quantize": QuantizeConfig,
+    "benchmark": BenchmarkConfig,
 }
 FREE_SECTIONS = ("methods",)  # method name -> its hyper-parameters, checked by losses.build_loss
 

@@ -15,6 +15,7 @@ from kdcompress.io import atomic_write
 from kdcompress.types import UserError
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+METADATA_KEYS = ("classes", "mean", "std", "input_shape")  # what a reader needs to feed the model
 
 
 class ParityError(UserError):
@@ -44,8 +45,22 @@ def save_onnx(proto: onnx.ModelProto, path: str | Path) -> Path:
     return atomic_write(path, proto.SerializeToString())
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+def read_metadata(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, str]:
+    """The metadata of an ONNX file that must exist, parse and pass the checker; a missing
+    ``required`` key is a one-line UserError too."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"ONNX model not found: {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+        onnx.checker.check_model(proto)
+    except Exception as err:  # noqa: BLE001 - protobuf and checker errors come in many types
+        raise UserError(f"{path}: not a valid ONNX model ({str(err).splitlines()[0][:200]})") from None
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    missing = [key for key in required if key not in metadata]
+    if missing:
+        raise UserError(f"{path}: metadata key {missing[0]!r} missing; a kdcompress export has: {', '.join(required)}")
+    return metadata
 
 
 def session(path: str | Path | bytes, threads: int = 0, sequential: bool = True,
@@ -62,11 +77,16 @@ def session(path: str | Path | bytes, threads: int = 0, sequential: bool = True,
     return ort.InferenceSession(path if isinstance(path, bytes) else str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def ort_predict(path: str | Path, inputs) -> np.ndarray:
+    """Logits of the ONNX file for an iterable of float batches (torch tensors or arrays), concatenated."""
+    sess = session(path)
+    return np.concatenate([sess.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x)})[0] for x in inputs])
+
+
 def parity(path: str | Path, torch_logits: torch.Tensor, inputs, atol: float) -> dict:
     """Run the ONNX file over ``inputs`` (an iterable of float batches) and compare with
     ``torch_logits`` (same order). Raises ParityError beyond ``atol`` or below 100 % agreement."""
-    sess = session(path)
-    onnx_logits = np.concatenate([sess.run([OUTPUT_NAME], {INPUT_NAME: x.contiguous().cpu().numpy()})[0] for x in inputs])
+    onnx_logits = ort_predict(path, inputs)
     ref = torch_logits.numpy()
     if onnx_logits.shape != ref.shape:
         raise ParityError(f"parity: ONNX output shape {onnx_logits.shape} != PyTorch {ref.shape}")

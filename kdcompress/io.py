@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from kdcompress.types import UserError
 
 
 def atomic_write(path: str | Path, content: str | bytes | Callable[[Any], None], text: bool = False) -> Path:
@@ -29,6 +33,25 @@ def atomic_write(path: str | Path, content: str | bytes | Callable[[Any], None],
     return path
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``path``; when the block ends without error it replaces
+    ``path`` whole (readers see the old folder or the new one, never a mix), else it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", text=True)
 
@@ -39,3 +62,14 @@ def write_csv(path: str | Path, rows: list[dict], columns: list[str] | None = No
         columns = list(dict.fromkeys(k for row in rows for k in row))
     lines = [",".join(columns)] + [",".join("" if row.get(c) is None else str(row[c]) for c in columns) for row in rows]
     return atomic_write(path, "\n".join(lines) + "\n", text=True)
+
+
+def read_json(path: str | Path, made_by: str) -> Any:
+    """A JSON file another stage wrote; missing or unparsable is a one-line UserError naming ``made_by``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: not found (written by the {made_by} stage; run it first)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err}); rerun the {made_by} stage") from None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -48,6 +50,39 @@ def ort_throughput(path: str | Path, input_shape: list[int], batch: int = 64, th
     x = np.random.default_rng(0).standard_normal((batch, *input_shape), dtype=np.float32)
     times = _time_calls(lambda: sess.run(None, {INPUT_NAME: x}), warmup, runs)
     return {"images_per_s": batch * len(times) / sum(times), "batch": batch, **_percentiles(times)}
+
+
+# Runs in a fresh interpreter that imports only numpy and onnxruntime, as a device would: the peak
+# resident set (VmHWM, reset to the current size first) minus the resident set before the model is loaded.
+_PEAK_RSS = """
+import sys, numpy as np, onnxruntime as ort
+def kib(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
+path, batch, threads, *shape = sys.argv[1:]
+x = np.random.default_rng(0).standard_normal((int(batch), *map(int, shape)), dtype=np.float32)
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+except OSError:
+    pass
+before = kib("VmRSS:")
+opts = ort.SessionOptions()
+opts.intra_op_num_threads, opts.inter_op_num_threads = int(threads), 1
+sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+for _ in range(10):
+    sess.run(None, {sess.get_inputs()[0].name: x})
+print(kib("VmHWM:") - before)
+"""
+
+
+def ort_peak_memory(path: str | Path, input_shape: list[int], batch: int = 1, threads: int = 1) -> dict[str, float]:
+    """Resident-set growth (MiB) of loading ``path`` into onnxruntime and running ``batch`` images,
+    measured in a fresh process (Linux /proc; 0 where it is not available)."""
+    if not Path("/proc/self/status").exists():
+        return {"peak_rss_mib": 0.0, "batch": batch}
+    out = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(path), str(batch), str(threads), *map(str, input_shape)],
+                         capture_output=True, text=True, check=True).stdout
+    return {"peak_rss_mib": int(out.split()[-1]) / 1024, "batch": batch}
 
 
 def torch_latency(model: torch.nn.Module, input_shape: list[int], batch: int = 1, threads: int = 1,

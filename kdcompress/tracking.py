@@ -66,6 +66,15 @@ def resume_run(role: str, checkpoint: str | Path, run_name: str):
     return mlflow.start_run(run_name=run_name, tags={TAG_ROLE: role, TAG_CHECKPOINT: sha})
 
 
+def runs(role: str) -> list[dict]:
+    """Every run of ``role`` in the store: ``{run_id, run_name, start_time, tags, metrics}`` (latest values)."""
+    mlflow = _client_setup()
+    found = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
+                               filter_string=f"tags.`{TAG_ROLE}` = '{role}'")
+    return [{"run_id": r.info.run_id, "run_name": r.info.run_name, "start_time": r.info.start_time,
+             "tags": dict(r.data.tags), "metrics": dict(r.data.metrics)} for r in found]
+
+
 def tag_checkpoint(checkpoint: str | Path) -> None:
     """Mark the active run as the owner of ``checkpoint`` (call after saving it)."""
     import mlflow
@@ -89,6 +98,13 @@ def log_params(nested: dict) -> None:
     mlflow.log_params(_flatten("", nested, {}))
 
 
+def log_tags(nested: dict) -> None:
+    """Nested values as tags with dotted keys: unlike params, a later value replaces an earlier one."""
+    import mlflow
+
+    mlflow.set_tags({k: str(v) for k, v in _flatten("", nested, {}).items()})
+
+
 def log_metrics(metrics: dict, step: int | None = None, prefix: str = "") -> None:
     import mlflow
 
@@ -105,6 +121,13 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     import mlflow
 
     mlflow.log_artifact(str(path), artifact_path)
+
+
+def log_figure(fig, name: str) -> None:
+    """A matplotlib figure as an image of the active run (``figures/<name>``), shown in `mlflow ui`."""
+    import mlflow
+
+    mlflow.log_figure(fig, f"figures/{name}")
 
 
 def log_onnx(proto, input_shape: list[int], name: str = "student_onnx") -> None:

@@ -1,4 +1,7 @@
-"""Architectures only (code, not weights). ``create_model(name, num_classes, in_channels)``."""
+"""Architectures only (code, not weights). ``create_model(name, num_classes, in_channels)``.
+
+A name is a registry key, optionally with an argument after a colon that the builder reads
+(``tinycnn:16,48,96``: TinyCNN with those stage widths)."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from models.resnet import resnet20, resnet32, resnet56
 from models.smallnet import smallnet
 from models.tinycnn import tinycnn
 
-MODELS: dict[str, Callable[[int, int], Classifier]] = {
+MODELS: dict[str, Callable[..., Classifier]] = {
     "resnet20": resnet20,
     "resnet32": resnet32,
     "resnet56": resnet56,
@@ -18,11 +21,15 @@ MODELS: dict[str, Callable[[int, int], Classifier]] = {
     "mobilenet": mobilenet,
     "tinycnn": tinycnn,
 }
+TAKES_ARGUMENT = {"tinycnn"}  # builders that read the part after "name:"
 
 
 def create_model(name: str, num_classes: int, in_channels: int) -> Classifier:
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(sorted(MODELS))}")
-    model = MODELS[name](num_classes, in_channels)
+    key, _, argument = name.partition(":")
+    if key not in MODELS:
+        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(sorted(MODELS))} (tinycnn:C1,C2,C3 for widths)")
+    if argument and key not in TAKES_ARGUMENT:
+        raise ValueError(f"model {key!r} takes no argument after ':'; got {name!r}")
+    model = MODELS[key](num_classes, in_channels, argument) if argument else MODELS[key](num_classes, in_channels)
     model.arch = name  # the registry name, recorded in checkpoints and ONNX metadata
     return model

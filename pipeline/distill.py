@@ -4,10 +4,11 @@ sample selector (all samples, or SAKD), trained by the shared fit() loop."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 
-from kdcompress import tracking
+from kdcompress import figures, tracking
 from kdcompress.checkpoint import save_checkpoint
 from kdcompress.data import load_prepared
 from kdcompress.distiller import Distiller
@@ -66,6 +67,9 @@ def main(argv=None):
         summary = {"val_acc": result.best_val_acc, "best_epoch": result.best_epoch, "train_seconds": result.seconds,
                    "samples_seen": sum(h["samples"] for h in result.history)}
         tracking.log_metrics(summary)
+        curves = figures.training_curves(result.history, f"{cfg.student} student ({cfg.method}, {cfg.sampling})")
+        tracking.log_figure(curves, "training_curves.png")
+        figures.save(curves, Path(args.plots).with_suffix(".png"))
         write_csv(args.rounds, selector.history or [{"epoch": None}])
         if selector.history:
             tracking.log_artifact(args.rounds)

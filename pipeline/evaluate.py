@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdcompress import tracking
+from kdcompress import figures, tracking
 from kdcompress.data import load_prepared
 from kdcompress.io import write_csv, write_json
-from kdcompress.metrics import classification_metrics, reliability_bins
+from kdcompress.metrics import classification_metrics, confusion_matrix, reliability_bins
 from kdcompress.train import predict
 from pipeline._common import load_model, loader, setup, stage
 
@@ -27,12 +27,14 @@ def main(argv=None):
     report = {"teacher": classification_metrics(logits["teacher"], labels, n_bins=cfg.ece_bins),
               "student": classification_metrics(logits["student"], labels, logits["teacher"], n_bins=cfg.ece_bins)}
     plots = Path(args.plots)
+    bins = {role: [b for b in reliability_bins(logits[role], labels, cfg.ece_bins) if b["count"] > 0] for role in logits}
     for role in logits:
-        bins = [b for b in reliability_bins(logits[role], labels, cfg.ece_bins) if b["count"] > 0]
-        write_csv(plots / f"reliability_{role}.csv", bins)
+        write_csv(plots / f"reliability_{role}.csv", bins[role])
     pred = logits["student"].argmax(1)
     write_csv(plots / "confusion.csv", [{"actual": data.classes[a], "predicted": data.classes[p]}
                                         for a, p in zip(labels.tolist(), pred.tolist())])
+    images = {"reliability.png": figures.reliability(bins),
+              "confusion.png": figures.confusion(confusion_matrix(pred, labels, len(data.classes)).numpy(), data.classes)}
     with tracking.resume_run("teacher", args.teacher, "teacher"):
         tracking.log_metrics(report["teacher"], prefix="test")
     with tracking.resume_run("student", args.student, "student"):
@@ -40,6 +42,9 @@ def main(argv=None):
         tracking.log_metrics(report["teacher"], prefix="teacher_test")
         for name in ("reliability_student.csv", "reliability_teacher.csv", "confusion.csv"):
             tracking.log_artifact(plots / name, "evaluate")
+        for name, fig in images.items():
+            tracking.log_figure(fig, name)
+            figures.save(fig, plots / name)
     write_json(args.metrics, report)
     s, t = report["student"], report["teacher"]
     print(f"test top1: teacher {t['top1']:.4f}, student {s['top1']:.4f}; student ECE {s['ece']:.4f}, "

@@ -43,6 +43,8 @@ def main(argv=None):
     write_json(args.metrics, report)
     with tracking.resume_run("student", args.student, "student"):
         tracking.log_metrics({"export": report})
+        tracking.log_tags({"kdcompress.teacher": metas["teacher"]["kdcompress.architecture"],
+                           "kdcompress.teacher_sha": tracking.file_sha(args.teacher)})
         tracking.log_onnx(protos["student"], data.input_shape)
         tracking.log_artifact(out / "student.md", "export")
     print(f"exported student ({s['file_bytes'] / 1024:.1f} KiB, parity max |dlogit| {s['max_abs_diff']:.2e}, "

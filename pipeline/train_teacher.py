@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from kdcompress import tracking
+from kdcompress import figures, tracking
 from kdcompress.checkpoint import load_weights, read_checkpoint, save_checkpoint
 from kdcompress.data import load_prepared
 from kdcompress.distiller import Distiller
@@ -50,6 +50,10 @@ def main(argv=None):
         tracking.tag_checkpoint(args.out)
         summary = {"val_acc": val_acc, "best_epoch": best_epoch, "train_seconds": seconds}
         tracking.log_metrics(summary)
+        curves = figures.training_curves(history, f"{cfg.model} teacher"
+                                         + (f" (loaded from {cfg.checkpoint}, not trained)" if cfg.checkpoint else ""))
+        tracking.log_figure(curves, "training_curves.png")
+        figures.save(curves, Path(args.plots).with_suffix(".png"))
     write_json(args.metrics, summary)
     write_csv(args.plots, history, columns=["epoch", "train_loss", "train_acc", "val_acc", "lr", "epoch_seconds"])
     print(f"teacher {cfg.model}: val_acc {val_acc:.4f} ({seconds:.0f}s) -> {Path(args.out)}")

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, write_fashion_idx
-from pipeline import benchmark, distill, evaluate, export, prepare, train_teacher
+from pipeline import benchmark, distill, evaluate, export, prepare, quantize, ship, train_teacher
 
 TINY = {
     "base": {"seed": 0, "device": "cpu", "num_threads": 1},
@@ -53,7 +53,9 @@ def test_all_stages_end_to_end(project, capsys):
     assert distill.main([]) == 0
     assert evaluate.main([]) == 0
     assert export.main([]) == 0
+    assert quantize.main([]) == 0
     assert benchmark.main([]) == 0
+    assert ship.main([]) == 0
 
     report = json.loads((project / "artifacts/metrics/evaluate.json").read_text())
     for key in ("top1", "top5", "nll", "ece", "mce", "brier", "entropy", "agreement", "kl_teacher_student",
@@ -73,11 +75,29 @@ def test_all_stages_end_to_end(project, capsys):
     assert [i.name for i in model.graph.input] == ["input"] and [o.name for o in model.graph.output] == ["logits"]
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
     assert not list(project.glob("artifacts/onnx/*.data"))  # single file
+    for role in ("student", "teacher"):
+        int8 = onnx.load(str(project / f"artifacts/onnx/{role}.int8.onnx"))
+        assert any(n.op_type == "QuantizeLinear" for n in int8.graph.node)
+        assert {p.key: p.value for p in int8.metadata_props}["kdcompress.precision"] == "int8"
+    gate = json.loads((project / "artifacts/metrics/quantize.json").read_text())
+    assert gate["student"]["calibration_samples"] == 96 and gate["student"]["samples"] == 60  # all of train; test
+    for name in ("reliability.png", "confusion.png", "distill_history.png", "teacher_history.png"):
+        assert (project / "artifacts/plots" / name).read_bytes()[:4] == b"\x89PNG"
     assert "Parity ONNX vs PyTorch" in (project / "artifacts/onnx/student.md").read_text()
 
     bench = json.loads((project / "artifacts/metrics/benchmark.json").read_text())
-    assert bench["student"]["ort_edge"]["runs"] == 200
+    for role in ("student", "teacher"):
+        for precision in ("fp32", "int8"):
+            b = bench[role][precision]
+            assert b["ort_edge"]["runs"] == 200 and b["ort_server"]["batch"] == 8 and b["file_bytes"] > 0
+            assert b["memory_edge"]["peak_rss_mib"] > 0
     assert bench["ratios"]["teacher_over_student_ort_p50"] > 0 and bench["environment"]["onnxruntime"]
+
+    shipped = sorted(p.name for p in (project / "artifacts/ship").iterdir())
+    summary = json.loads((project / "artifacts/metrics/summary.json").read_text())
+    assert shipped == (["MODEL_CARD.md", "model.fp32.onnx", "model.onnx", "predict.py"] if summary["int8_shipped"]
+                       else ["MODEL_CARD.md", "model.onnx", "predict.py"])
+    assert "**Decision: " in (project / "artifacts/ship/MODEL_CARD.md").read_text()
 
     import mlflow
 
@@ -87,8 +107,12 @@ def test_all_stages_end_to_end(project, capsys):
     student = runs["student"].data
     assert student.params["distill.method"] == "kd" and student.params["methods.kd.temperature"] == "4.0"
     assert student.tags["kdcompress.teacher_runtime"] == "onnxruntime"  # auto, on the CPU
+    assert student.tags["kdcompress.shipped"] in ("fp32", "int8") and student.tags["benchmark.env.cpu"]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(runs["student"].info.run_id, "figures")}
+    assert artifacts == {"figures/confusion.png", "figures/reliability.png", "figures/training_curves.png"}
     for key in ("val_acc", "test.top1", "test.ece", "teacher_test.top1", "export.student.max_abs_diff",
-                "benchmark.student.ort_edge.p50_ms", "benchmark.ratios.teacher_over_student_ort_p50"):
+                "benchmark.student.int8.ort_edge.p50_ms", "benchmark.ratios.teacher_over_student_ort_p50",
+                "quantize.student.int8_top1", "ship.top1"):
         assert key in student.metrics, key
     assert "test.top1" in runs["teacher"].data.metrics
     models = mlflow.search_logged_models(experiment_ids=[runs["student"].info.experiment_id], output_format="list")

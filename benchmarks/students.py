@@ -1,0 +1,74 @@
+"""The accuracy-latency front: several student architectures distilled from the same pinned teacher,
+each through the whole pipeline (distill, evaluate, export, quantize, benchmark), logged to MLflow.
+
+    python -m benchmarks.students [--students tinycnn mobilenet ...] [--seeds 0] [--jobs 2] [-S key=value]
+
+Needs `dvc repro prepare` first. Uses the method benchmark's pinned teacher
+(benchmarks/results/methods_teacher.pt). Finished runs are kept in benchmarks/results/students.json;
+an interrupted sweep resumes. `python -m pipeline.leaderboard` then draws the front from MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import yaml
+
+from benchmarks._runs import pin_teacher, run_student
+from kdcompress.io import write_json
+
+STUDENTS = ["tinycnn", "tinycnn:16,32,128", "tinycnn:16,48,96", "tinycnn:32,64,128", "mobilenet", "smallnet"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--students", nargs="+", default=STUDENTS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--jobs", type=int, default=1, help="students trained side by side (cores are shared out)")
+    p.add_argument("-S", dest="overrides", action="append", default=[], help="key=value, as for dvc exp run -S")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.overrides)}
+    out = Path(args.out)
+    results_path = out / "students.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    teacher, teacher_sha = pin_teacher(results, out / "methods.json")
+    if args.jobs > 1:
+        overrides["base.num_threads"] = max(1, (os.cpu_count() or 1) // args.jobs)
+    tag = ",".join(f"{k}={v}" for k, v in sorted(overrides.items()) if k != "base.num_threads")
+    todo = [(s, seed) for seed in args.seeds for s in args.students if key(s, seed, tag) not in results]
+    folders = {run: f"students/{run[0].replace(':', '_').replace(',', '-')}{tag and '_' + tag}_seed{run[1]}"
+               for run in todo}
+    failed = []
+    # training side by side; then export, quantize, benchmark and ship one at a time, so that no
+    # latency is measured while another job loads the cores
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        running = {pool.submit(run_student, folders[run], out / "runs",
+                               {**overrides, "distill.student": run[0], "base.seed": run[1]}, teacher=teacher): run
+                   for run in todo}
+        for done in as_completed(running):
+            try:
+                done.result()
+            except (Exception, SystemExit) as err:  # keep going; a rerun retries what failed
+                failed.append(f"{key(*running[done], tag)}: {err}")
+                todo.remove(running[done])
+    for student, seed in todo:
+        result = run_student(folders[student, seed], out / "runs",
+                             {**overrides, "distill.student": student, "base.seed": seed}, teacher=teacher, ship=True)
+        results[key(student, seed, tag)] = {**result, "jobs": args.jobs, "teacher_sha": teacher_sha}
+        write_json(results_path, results)
+    if failed:
+        raise SystemExit("failed runs (not recorded): " + "; ".join(failed))
+
+
+def key(student: str, seed: int, tag: str) -> str:
+    return f"{student}{'|' + tag if tag else ''}/seed{seed}"
+
+
+if __name__ == "__main__":
+    main()

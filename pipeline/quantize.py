@@ -1,0 +1,47 @@
+"""Stage 6: static int8 (QDQ) twins of the exported student and teacher, calibrated on a seeded sample
+of training images, each checked by the accuracy gate on the whole test split. A model that fails
+the gate is written for inspection; the ship stage never ships it."""
+
+from __future__ import annotations
+
+import torch
+
+from kdcompress import tracking
+from kdcompress.data import load_prepared
+from kdcompress.export import METADATA_KEYS, ort_predict, read_metadata
+from kdcompress.io import write_json
+from kdcompress.quantize import gate, int8_path, quantize
+from pipeline._common import loader, setup, stage
+
+
+@stage
+def main(argv=None):
+    args, params, _ = setup(argv, "quantize", data="artifacts/data", onnx="artifacts/onnx",
+                            student="artifacts/student/student.pt", metrics="artifacts/metrics/quantize.json")
+    cfg, seed = params["quantize"], params["base"].seed
+    paths = {role: f"{args.onnx}/{role}.onnx" for role in ("student", "teacher")}
+    for path in paths.values():
+        read_metadata(path, METADATA_KEYS)
+    data = load_prepared(args.data, splits=("train", "test"))
+    meta = {"mean": data.mean, "std": data.std}
+    pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))[:cfg.samples]
+    calibration = loader(data.train, meta, "cpu", 64)
+    test = loader(data.test, meta, "cpu", 1024)
+    labels = data.test.labels.numpy()
+    report = {}
+    for role, fp32 in paths.items():
+        int8 = quantize(fp32, int8_path(fp32), (x.numpy() for x, _, _ in calibration.batches(pick)),
+                        cfg.calibration, cfg.per_channel)
+        report[role] = {**gate(ort_predict(fp32, (x for x, _, _ in test.batches())),
+                               ort_predict(int8, (x for x, _, _ in test.batches())), labels, cfg.max_drop),
+                        "calibration": cfg.calibration, "calibration_samples": len(pick), "per_channel": cfg.per_channel}
+    write_json(args.metrics, report)
+    with tracking.resume_run("student", args.student, "student"):
+        tracking.log_metrics(report, prefix="quantize")
+    for role, r in report.items():
+        print(f"int8 {role}: top-1 {r['int8_top1']:.4f} vs fp32 {r['fp32_top1']:.4f} ({r['drop_points']:+.2f} points "
+              f"drop, agreement {r['agreement']:.2%}): gate {'passed' if r['passed'] else 'FAILED'}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

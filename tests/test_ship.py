@@ -1,0 +1,195 @@
+"""int8 behind its gate, the shipping decision both ways, and the leaderboard on a small MLflow store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from kdcompress import tracking
+from kdcompress.export import metadata_for, ort_predict, save_onnx, to_onnx
+from kdcompress.leaderboard import Point, best_under, mark_front
+from kdcompress.quantize import gate, int8_path, quantize
+from kdcompress.ship import decide
+from models import create_model
+from pipeline import leaderboard, ship
+
+SHAPE, CLASSES = [1, 16, 16], ["a", "b", "c", "d"]
+
+
+def export(model, path: Path) -> Path:
+    meta = metadata_for("student", model.arch, CLASSES, [0.5], [0.25], SHAPE, 18)
+    return save_onnx(to_onnx(model.eval(), SHAPE, 18, meta), path)
+
+
+def images(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, *SHAPE), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """A random TinyCNN and the same net with +1000 on every class's bias (the same argmax in fp32, but
+    int8 activations over [0, 1000] cannot resolve the logits' differences): fp32 and int8 logits of both."""
+    folder = tmp_path_factory.mktemp("quant")
+    torch.manual_seed(0)
+    good = create_model("tinycnn", len(CLASSES), 1)
+    bad = create_model("tinycnn", len(CLASSES), 1)
+    bad.load_state_dict(good.state_dict())
+    with torch.no_grad():
+        bad.head.bias += 1000.0
+    test = [images(64, 1), images(64, 2)]
+    out = {}
+    for name, model in (("good", good), ("bad", bad)):
+        fp32 = export(model, folder / f"{name}.onnx")
+        int8 = quantize(fp32, int8_path(fp32), (images(32, 10 + i) for i in range(4)), "minmax")
+        out[name] = (fp32, int8, ort_predict(fp32, test), ort_predict(int8, test))
+    return out
+
+
+def test_int8_twin_is_a_qdq_model_with_the_fp32_metadata(quantized):
+    fp32, int8, _, _ = quantized["good"]
+    assert int8.name == "good.int8.onnx" and int8.parent == fp32.parent
+    model = onnx.load(str(int8))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["classes"] == json.dumps(CLASSES) and meta["kdcompress.precision"] == "int8"
+    assert meta["kdcompress.calibration"] == "minmax"
+
+
+def test_gate_passes_a_faithful_int8_model_and_fails_a_broken_one(quantized):
+    _, _, fp32_logits, int8_logits = quantized["good"]
+    labels = fp32_logits.argmax(1)  # the fp32 model is right by construction
+    ok = gate(fp32_logits, int8_logits, labels, 5.0)
+    assert ok["fp32_top1"] == 1.0 and ok["agreement"] == ok["int8_top1"] >= 0.95 and ok["passed"]
+
+    _, _, fp32_bad, int8_bad = quantized["bad"]
+    assert (fp32_bad.argmax(1) == labels).all()  # the offset does not change fp32 predictions
+    failed = gate(fp32_bad, int8_bad, labels, 5.0)
+    assert not failed["passed"] and failed["drop_points"] > 5.0 and failed["agreement"] < 0.95
+    assert gate(fp32_logits, int8_logits, labels, 0.0)["passed"] == (ok["int8_top1"] == 1.0)
+
+
+GATE_OK = {"fp32_top1": 0.90, "int8_top1": 0.899, "drop_points": 0.1, "max_drop_points": 0.5, "passed": True}
+GATE_FAIL = {**GATE_OK, "int8_top1": 0.88, "drop_points": 2.0, "passed": False}
+
+
+@pytest.mark.parametrize("gate_result, fp32_ms, int8_ms, shipped, why", [
+    (GATE_OK, 0.30, 0.15, "int8", "2.00x faster"),
+    (GATE_OK, 0.02, 0.03, "fp32", "but is not faster"),
+    (GATE_FAIL, 0.30, 0.15, "fp32", "failed the accuracy gate"),
+])
+def test_shipping_decision(gate_result, fp32_ms, int8_ms, shipped, why):
+    precision, reason = decide(gate_result, fp32_ms, int8_ms)
+    assert precision == shipped and why in reason
+
+
+def bench(fp32_ms: float, int8_ms: float) -> dict:
+    def figures(ms):
+        return {"ort_edge": {"p50_ms": ms, "p90_ms": ms, "p99_ms": ms}, "ort_server": {"images_per_s": 1000.0},
+                "memory_edge": {"peak_rss_mib": 5.0}, "file_bytes": 2048}
+    return {"student": {"fp32": figures(fp32_ms), "int8": figures(int8_ms)},
+            "teacher": {"fp32": figures(1.0), "int8": figures(0.5)},
+            "environment": {"onnxruntime": "1", "cpu": "cpu", "cpu_count": 2, "server_batch": 64}}
+
+
+@pytest.mark.parametrize("int8_ms, files", [
+    (0.1, ["MODEL_CARD.md", "model.fp32.onnx", "model.onnx", "predict.py"]),
+    (0.3, ["MODEL_CARD.md", "model.onnx", "predict.py"]),
+])
+def test_ship_stage_copies_the_chosen_model(quantized, tmp_path, monkeypatch, int8_ms, files):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    fp32, int8, _, _ = quantized["good"]
+    onnx_dir = tmp_path / "onnx"
+    onnx_dir.mkdir()
+    (onnx_dir / "student.onnx").write_bytes(fp32.read_bytes())
+    (onnx_dir / "student.int8.onnx").write_bytes(int8.read_bytes())
+    student = tmp_path / "student.pt"
+    student.write_bytes(b"checkpoint")
+    gates = {role: {**GATE_OK, "agreement": 0.99, "calibration": "minmax", "calibration_samples": 8}
+             for role in ("student", "teacher")}
+    metrics = {"student": {"top1": 0.9, "ece": 0.01, "agreement": 0.95}, "teacher": {"top1": 0.93}}
+    for name, value in (("q.json", gates), ("b.json", bench(0.2, int8_ms)), ("e.json", metrics)):
+        (tmp_path / name).write_text(json.dumps(value))
+    out = tmp_path / "ship"
+    (out / "stale").mkdir(parents=True)  # a previous ship folder is replaced whole
+    args = ["--onnx", str(onnx_dir), "--student", str(student), "--evaluation", str(tmp_path / "e.json"),
+            "--quantization", str(tmp_path / "q.json"), "--benchmark", str(tmp_path / "b.json"), "--out", str(out),
+            "--metrics", str(tmp_path / "summary.json")]
+    assert ship.main(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == files
+    chosen = "int8" if "model.fp32.onnx" in files else "fp32"
+    assert (out / "model.onnx").read_bytes() == {"fp32": fp32, "int8": int8}[chosen].read_bytes()
+    assert f"**Decision: {chosen}.**" in (out / "MODEL_CARD.md").read_text()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["int8_shipped"] == (chosen == "int8") and summary["speedup_vs_teacher"] == pytest.approx(1 / int8_ms
+                                                                                                            if chosen == "int8" else 5.0)
+    assert not list(tmp_path.glob(".ship*"))  # no temporary folder left behind
+
+
+def test_ship_stage_refuses_missing_inputs_in_one_line(tmp_path, capsys):
+    assert ship.main(["--evaluation", str(tmp_path / "nope.json"), "--out", str(tmp_path / "ship")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("nope.json: not found (written by the evaluate stage; run it first)") and "\n" not in err
+    assert not (tmp_path / "ship").exists()
+
+
+def test_front_and_budget():
+    def pt(name, top1, ms, kib=10.0, shippable=True, role="student"):
+        return Point(name, role, "fp32", top1, ms, kib, shippable, name)
+    pts = mark_front([pt("fast", 0.88, 0.02), pt("mid", 0.90, 0.05), pt("dominated", 0.89, 0.06),
+                      pt("broken", 0.95, 0.01, shippable=False), pt("big", 0.92, 0.20, kib=400),
+                      pt("teacher", 0.93, 0.50, role="teacher")])
+    assert [p.name for p in pts if p.on_front] == ["fast", "mid", "big", "teacher"]
+    assert best_under(pts, 0.06, None).name == "mid"
+    assert best_under(pts, None, 100).name == "mid"
+    assert best_under(pts, None, None).name == "big"  # the teacher is never the answer
+    assert best_under(pts, 0.01, None) is None
+
+
+def log_student(name: str, top1: float, ms: float, int8_ms: float, passed: bool) -> None:
+    with tracking.start_run("student", name, {"kdcompress.student": name, "kdcompress.method": "kd",
+                                              "kdcompress.teacher": "resnet20", "kdcompress.teacher_sha": "abc"}):
+        test = {"top1": top1, "nll": 1 - top1, "ece": 0.01, "agreement": top1, "kl_teacher_student": 0.1,
+                "logit_cosine": 0.9, "entropy": 0.3}
+        tracking.log_metrics(test, prefix="test")
+        tracking.log_metrics({role: {"fp32_top1": t, "int8_top1": t - (0.001 if passed else 0.05), "passed": passed}
+                              for role, t in (("student", top1), ("teacher", 0.93))}, prefix="quantize")
+        tracking.log_metrics({role: {p: {"ort_edge": {"p50_ms": v}, "file_bytes": 1024 * k}
+                                     for p, v, k in (("fp32", f, 40), ("int8", i, 15))}
+                              for role, f, i in (("student", ms, int8_ms), ("teacher", 0.5, 0.25))}, prefix="benchmark")
+
+
+def test_leaderboard_on_a_small_store(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert leaderboard.main(["--out", str(tmp_path / "lb")]) == 2
+    assert "no benchmarked student run" in capsys.readouterr().err
+    log_student("tiny", 0.88, 0.03, 0.04, True)
+    log_student("wide", 0.91, 0.06, 0.05, True)
+    log_student("fragile", 0.90, 0.10, 0.02, False)
+    with tracking.start_run("student", "unbenchmarked"):
+        tracking.log_metrics({"top1": 0.5}, prefix="test")
+
+    out = tmp_path / "lb"
+    assert leaderboard.main(["--out", str(out), "--target-latency-ms", "0.055"]) == 0
+    printed = capsys.readouterr().out
+    assert "best student under target_latency_ms 0.055: wide kd" in printed and "int8" in printed
+    best = json.loads((out / "best.json").read_text())["best"]
+    assert best["precision"] == "int8" and best["p50_ms"] == 0.05
+    rows = (out / "pareto.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3 * 2 + 2  # three benchmarked students x 2 precisions + one teacher x 2
+    front = [r for r in rows[1:] if r.endswith(",True")]
+    assert all("fragile" not in r or ",fp32," in r for r in front)  # its int8 failed the gate
+    ranks = (out / "ranks.md").read_text().splitlines()
+    assert ranks[2].startswith("| wide kd") and len(ranks) == 2 + 4  # the unbenchmarked run is ranked too
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    runs = tracking.runs("leaderboard")
+    assert len(runs) == 1 and runs[0]["tags"]["kdcompress.best"].endswith("int8")
+
+    assert leaderboard.main(["--out", str(out), "--target-latency-ms", "0.001"]) == 0
+    assert "no student fits target_latency_ms 0.001: the fastest is 0.0300 ms" in capsys.readouterr().out
+    assert json.loads((out / "best.json").read_text())["best"] is None
