@@ -22,7 +22,7 @@ import yaml
 from benchmarks._runs import pin_teacher, run_student
 from kdcompress.io import write_json
 
-STUDENTS = ["tinycnn", "tinycnn:16,32,128", "tinycnn:16,48,96", "tinycnn:32,64,128", "mobilenet", "smallnet"]
+STUDENTS = ["tinycnn", "tinycnn:16-32-128", "tinycnn:16-48-96", "tinycnn:32-64-128", "mobilenet"]
 
 
 def main(argv=None):
@@ -42,7 +42,7 @@ def main(argv=None):
         overrides["base.num_threads"] = max(1, (os.cpu_count() or 1) // args.jobs)
     tag = ",".join(f"{k}={v}" for k, v in sorted(overrides.items()) if k != "base.num_threads")
     todo = [(s, seed) for seed in args.seeds for s in args.students if key(s, seed, tag) not in results]
-    folders = {run: f"students/{run[0].replace(':', '_').replace(',', '-')}{tag and '_' + tag}_seed{run[1]}"
+    folders = {run: f"students/{run[0].replace(':', '_')}{tag and '_' + tag}_seed{run[1]}"
                for run in todo}
     failed = []
     # training side by side; then export, quantize, benchmark and ship one at a time, so that no

@@ -1,7 +1,7 @@
 """TinyCNN: a three-conv network for micro-controller-class budgets (about 20x fewer
 multiply-accumulates than ResNet-20). Plain conv-BN-ReLU blocks that onnxruntime fuses.
 
-The widths are a knob: ``tinycnn`` is 16/32/64 channels, ``tinycnn:16,48,96`` any three."""
+The widths are a knob: ``tinycnn`` is 16/32/64 channels, ``tinycnn:16-48-96`` any three."""
 
 from __future__ import annotations
 
@@ -26,13 +26,14 @@ class TinyCNN(Classifier):
 
 
 def tinycnn(num_classes: int, in_channels: int, widths: str = "") -> TinyCNN:
-    """``widths``: "" for the default, else three comma-separated channel counts (``16,48,96``)."""
+    """``widths``: "" for the default, else three channel counts joined by '-' (``16-48-96``; not commas,
+    which `dvc exp run -S` reads as a sweep)."""
     if not widths:
         return TinyCNN(num_classes, in_channels)
     try:
-        parsed = tuple(int(w) for w in widths.split(","))
+        parsed = tuple(int(w) for w in widths.split("-"))
     except ValueError:
         parsed = ()
     if len(parsed) != 3 or min(parsed) < 1:
-        raise ValueError(f"tinycnn:{widths}: expected three positive channel counts, e.g. tinycnn:16,48,96")
+        raise ValueError(f"tinycnn:{widths}: expected three positive channel counts, e.g. tinycnn:16-48-96")
     return TinyCNN(num_classes, in_channels, parsed)
