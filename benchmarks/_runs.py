@@ -3,6 +3,7 @@ params overrides, on the prepared data that `dvc repro` produced and its teacher
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import statistics
@@ -16,6 +17,22 @@ from pipeline import benchmark, distill, evaluate, export, quantize
 from pipeline import ship as ship_stage
 
 TEACHER = "artifacts/teacher/teacher.pt"  # what the distill stage reads by default
+
+
+def sweep_arguments(p: argparse.ArgumentParser, seeds: list[int]) -> None:
+    """The options every benchmark sweep shares: seeds, side-by-side jobs, params overrides, results folder."""
+    p.add_argument("--seeds", nargs="+", type=int, default=seeds)
+    p.add_argument("--jobs", type=int, default=1, help="students trained side by side (cores are shared out)")
+    p.add_argument("-S", dest="overrides", action="append", default=[], help="key=value, as for dvc exp run -S")
+    p.add_argument("--out", default="benchmarks/results")
+
+
+def read_sweep(args: argparse.Namespace, name: str) -> tuple[dict, Path, dict]:
+    """``(overrides, results_path, results)`` of a sweep: the -S overrides parsed as YAML values and
+    the finished runs kept in ``<out>/<name>.json`` (empty when it starts)."""
+    overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.overrides)}
+    results_path = Path(args.out) / f"{name}.json"
+    return overrides, results_path, json.loads(results_path.read_text()) if results_path.exists() else {}
 
 
 def pin_teacher(results: dict, results_path: Path) -> tuple[Path, str]:
@@ -61,12 +78,14 @@ def run_student(name: str, out_root: Path, overrides: dict, params_path: str = "
                                                    "benchmark.json", "summary.json", "onnx", "ship")}
     steps = [(distill, "distill.json", params_arg + teacher_arg + [
                  "--out", str(folder / "student.pt"), "--last", str(folder / "student_last.pt"), "--metrics",
-                 files["distill.json"], "--plots", str(folder / "history.csv"), "--rounds", str(folder / "rounds.csv")]),
+                 files["distill.json"], "--plots", str(folder / "history.csv"),
+                 "--rounds", str(folder / "rounds.csv")]),
              (evaluate, "evaluate.json", params_arg + teacher_arg + student + [
                  "--metrics", files["evaluate.json"], "--plots", str(folder)])]
     if ship:
         steps += [(export, "export.json", params_arg + teacher_arg + student + [
-                      "--evaluation", files["evaluate.json"], "--out", files["onnx"], "--metrics", files["export.json"]]),
+                      "--evaluation", files["evaluate.json"], "--out", files["onnx"],
+                      "--metrics", files["export.json"]]),
                   (quantize, "quantize.json", params_arg + student + ["--onnx", files["onnx"], "--metrics",
                                                                       files["quantize.json"]]),
                   (benchmark, "benchmark.json", params_arg + student + ["--onnx", files["onnx"], "--metrics",

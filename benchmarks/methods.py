@@ -15,15 +15,13 @@ sharing the machine; compare them within one table).
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-import yaml
 
-from benchmarks._runs import mean_std, pin_teacher, run_student
+from benchmarks._runs import mean_std, pin_teacher, read_sweep, run_student, sweep_arguments
 from kdcompress.io import atomic_write, write_json
 from kdcompress.losses import LOSSES
 from kdcompress.metrics import rank_table
@@ -36,15 +34,10 @@ SHOWN = ["top1", "ece", "nll", "agreement", "kl_teacher_student", "logit_cosine"
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=list(LOSSES))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    p.add_argument("--jobs", type=int, default=1, help="students trained side by side (cores are shared out)")
-    p.add_argument("-S", dest="overrides", action="append", default=[], help="key=value, as for dvc exp run -S")
-    p.add_argument("--out", default="benchmarks/results")
+    sweep_arguments(p, seeds=[0, 1])
     args = p.parse_args(argv)
-    overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.overrides)}
+    overrides, results_path, results = read_sweep(args, "methods")
     out = Path(args.out)
-    results_path = out / "methods.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
     teacher, teacher_sha = pin_teacher(results, results_path)
     todo = plan(results, args.methods, args.seeds)
     if args.jobs > 1:

@@ -11,12 +11,10 @@ full-data epoch. Wall time counts the difficulty passes and the DPP selections.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-import yaml
 
-from benchmarks._runs import mean_std, run_student
+from benchmarks._runs import mean_std, read_sweep, run_student
 from kdcompress.io import atomic_write, write_json
 
 CONFIGS = {
@@ -34,10 +32,8 @@ def main(argv=None):
     p.add_argument("-S", dest="overrides", action="append", default=[], help="key=value, as for dvc exp run -S")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
-    overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.overrides)}
+    overrides, results_path, results = read_sweep(args, f"sakd_{args.method}")
     out = Path(args.out)
-    results_path = out / f"sakd_{args.method}.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
     for seed in args.seeds:  # seed-major, so a cut-short run still compares configs on the same seeds
         for config in args.configs:
             key = f"{config}/seed{seed}"

@@ -11,15 +11,13 @@ an interrupted sweep resumes. `python -m pipeline.leaderboard` then draws the fr
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-import yaml
 
-from benchmarks._runs import pin_teacher, run_student
+from benchmarks._runs import pin_teacher, read_sweep, run_student, sweep_arguments
 from kdcompress.io import write_json
 
 STUDENTS = ["tinycnn", "tinycnn:16-32-128", "tinycnn:16-48-96", "tinycnn:32-64-128", "mobilenet"]
@@ -28,15 +26,10 @@ STUDENTS = ["tinycnn", "tinycnn:16-32-128", "tinycnn:16-48-96", "tinycnn:32-64-1
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--students", nargs="+", default=STUDENTS)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--jobs", type=int, default=1, help="students trained side by side (cores are shared out)")
-    p.add_argument("-S", dest="overrides", action="append", default=[], help="key=value, as for dvc exp run -S")
-    p.add_argument("--out", default="benchmarks/results")
+    sweep_arguments(p, seeds=[0])
     args = p.parse_args(argv)
-    overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.overrides)}
+    overrides, results_path, results = read_sweep(args, "students")
     out = Path(args.out)
-    results_path = out / "students.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
     teacher, teacher_sha = pin_teacher(results, out / "methods.json")
     if args.jobs > 1:
         overrides["base.num_threads"] = max(1, (os.cpu_count() or 1) // args.jobs)

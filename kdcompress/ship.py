@@ -10,8 +10,8 @@ import json
 def decide(gate: dict, fp32_p50_ms: float, int8_p50_ms: float) -> tuple[str, str]:
     """``("int8" | "fp32", reason)`` from the int8 gate result (kdcompress.quantize.gate) and the
     batch-1 p50 latencies of both precisions."""
-    accuracy = (f"int8 top-1 {gate['int8_top1']:.2%} vs fp32 {gate['fp32_top1']:.2%}, "
-                f"{gate['drop_points']:+.2f} points drop (allowed {gate['max_drop_points']:g})")
+    accuracy = (f"int8 top-1 {gate['int8_top1']:.2%} vs fp32 {gate['fp32_top1']:.2%}, a drop of "
+                f"{gate['drop_points']:.2f} points where {gate['max_drop_points']:g} is allowed")
     if not gate["passed"]:
         return "fp32", f"int8 failed the accuracy gate: {accuracy}"
     speed = f"batch-1 p50 {int8_p50_ms:.4f} ms int8 vs {fp32_p50_ms:.4f} ms fp32"
@@ -45,7 +45,8 @@ def card(metadata: dict[str, str], precision: str, reason: str, evaluation: dict
         f"# {metadata['kdcompress.architecture']} student, shipped as {precision}", "",
         f"**Decision: {precision}.** {reason}.", "",
         "## Files", "",
-        f"- `model.onnx`: the {precision} model to deploy (one file, no external data; its metadata says how to feed it).",
+        f"- `model.onnx`: the {precision} model to deploy (one file, no external data; its metadata says how "
+        "to feed it).",
         *(["- `model.fp32.onnx`: the same student in fp32, for engines that do not load int8 QDQ graphs "
            "(OpenCV DNN, for one)."] if precision == "int8" else []),
         "- `predict.py`: a predictor that needs only numpy, onnxruntime and Pillow; copy it beside the model.",

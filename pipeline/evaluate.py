@@ -27,14 +27,15 @@ def main(argv=None):
     report = {"teacher": classification_metrics(logits["teacher"], labels, n_bins=cfg.ece_bins),
               "student": classification_metrics(logits["student"], labels, logits["teacher"], n_bins=cfg.ece_bins)}
     plots = Path(args.plots)
-    bins = {role: [b for b in reliability_bins(logits[role], labels, cfg.ece_bins) if b["count"] > 0] for role in logits}
+    bins = {role: [b for b in reliability_bins(logits[role], labels, cfg.ece_bins) if b["count"] > 0]
+            for role in logits}
     for role in logits:
         write_csv(plots / f"reliability_{role}.csv", bins[role])
     pred = logits["student"].argmax(1)
     write_csv(plots / "confusion.csv", [{"actual": data.classes[a], "predicted": data.classes[p]}
                                         for a, p in zip(labels.tolist(), pred.tolist())])
-    images = {"reliability.png": figures.reliability(bins),
-              "confusion.png": figures.confusion(confusion_matrix(pred, labels, len(data.classes)).numpy(), data.classes)}
+    matrix = confusion_matrix(pred, labels, len(data.classes)).numpy()
+    images = {"reliability.png": figures.reliability(bins), "confusion.png": figures.confusion(matrix, data.classes)}
     with tracking.resume_run("teacher", args.teacher, "teacher"):
         tracking.log_metrics(report["teacher"], prefix="test")
     with tracking.resume_run("student", args.student, "student"):

@@ -61,7 +61,8 @@ def main(argv=None):
     front = sorted((pt for pt in pts if pt.on_front), key=lambda pt: pt.p50_ms)
     print(f"{sum(pt.role == 'student' for pt in pts)} student points from {len(runs)} runs; Pareto front:")
     for pt in front:
-        print(f"  {pt.role:7s} {pt.precision}  top-1 {pt.top1:.2%}  p50 {pt.p50_ms:.4f} ms  {pt.size_kib:.1f} KiB  {pt.name}")
+        print(f"  {pt.role:7s} {pt.precision}  top-1 {pt.top1:.2%}  p50 {pt.p50_ms:.4f} ms  {pt.size_kib:.1f} KiB  "
+              f"{pt.name}")
     limits = ", ".join(f"{k} {v:g}" for k, v in budget.items() if v is not None) or "no budget"
     if best:
         print(f"best student under {limits}: {best.name} {best.precision} (top-1 {best.top1:.2%}, "

@@ -34,7 +34,8 @@ def main(argv=None):
                         cfg.calibration, cfg.per_channel)
         report[role] = {**gate(ort_predict(fp32, (x for x, _, _ in test.batches())),
                                ort_predict(int8, (x for x, _, _ in test.batches())), labels, cfg.max_drop),
-                        "calibration": cfg.calibration, "calibration_samples": len(pick), "per_channel": cfg.per_channel}
+                        "calibration": cfg.calibration, "calibration_samples": len(pick),
+                        "per_channel": cfg.per_channel}
     write_json(args.metrics, report)
     with tracking.resume_run("student", args.student, "student"):
         tracking.log_metrics(report, prefix="quantize")

@@ -43,6 +43,7 @@ def project(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_all_stages_end_to_end(project, capsys):
     assert prepare.main([]) == 0
     meta = json.loads((project / "artifacts/data/meta.json").read_text())

@@ -126,8 +126,8 @@ def test_ship_stage_copies_the_chosen_model(quantized, tmp_path, monkeypatch, in
     assert (out / "model.onnx").read_bytes() == {"fp32": fp32, "int8": int8}[chosen].read_bytes()
     assert f"**Decision: {chosen}.**" in (out / "MODEL_CARD.md").read_text()
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["int8_shipped"] == (chosen == "int8") and summary["speedup_vs_teacher"] == pytest.approx(1 / int8_ms
-                                                                                                            if chosen == "int8" else 5.0)
+    assert summary["int8_shipped"] == (chosen == "int8")
+    assert summary["speedup_vs_teacher"] == pytest.approx(1 / int8_ms if chosen == "int8" else 1 / 0.2)
     assert not list(tmp_path.glob(".ship*"))  # no temporary folder left behind
 
 
