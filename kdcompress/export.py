@@ -77,16 +77,19 @@ def session(path: str | Path | bytes, threads: int = 0, sequential: bool = True,
     return ort.InferenceSession(path if isinstance(path, bytes) else str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def ort_predict(path: str | Path, inputs) -> np.ndarray:
-    """Logits of the ONNX file for an iterable of float batches (torch tensors or arrays), concatenated."""
+def ort_predict(path: str | Path | bytes, inputs) -> np.ndarray:
+    """Logits of the ONNX model (a file or serialized bytes) for an iterable of float batches (torch
+    tensors or arrays), concatenated."""
     sess = session(path)
     return np.concatenate([sess.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x)})[0] for x in inputs])
 
 
-def parity(path: str | Path, torch_logits: torch.Tensor, inputs, atol: float) -> dict:
-    """Run the ONNX file over ``inputs`` (an iterable of float batches) and compare with
-    ``torch_logits`` (same order). Raises ParityError beyond ``atol`` or below 100 % agreement."""
-    onnx_logits = ort_predict(path, inputs)
+def parity(model: str | Path | bytes, torch_logits: torch.Tensor, inputs, atol: float, name: str = "") -> dict:
+    """Run the ONNX model (a file, or serialized bytes checked before anything is written) over
+    ``inputs`` (an iterable of float batches) and compare with ``torch_logits`` (same order). Raises
+    ParityError, naming ``name`` (default: the file), beyond ``atol`` or below 100 % agreement."""
+    onnx_logits = ort_predict(model, inputs)
+    path = name or model
     ref = torch_logits.numpy()
     if onnx_logits.shape != ref.shape:
         raise ParityError(f"parity: ONNX output shape {onnx_logits.shape} != PyTorch {ref.shape}")

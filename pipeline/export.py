@@ -3,7 +3,6 @@ the whole test set, metadata and a model card; the student is logged as an MLflo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -11,7 +10,7 @@ import torch
 from kdcompress import tracking
 from kdcompress.data import load_prepared
 from kdcompress.export import metadata_for, model_card, parity, save_onnx, to_onnx
-from kdcompress.io import atomic_write, write_json
+from kdcompress.io import atomic_write, read_json, write_json
 from kdcompress.profiling import count_macs, count_params
 from kdcompress.train import predict
 from pipeline._common import load_model, loader, setup, stage
@@ -25,18 +24,21 @@ def main(argv=None):
     cfg, device = params["export"], torch.device("cpu")
     data = load_prepared(args.data, splits=("test",))
     test = loader(data.test, {"mean": data.mean, "std": data.std}, device, 1024)
+    test_metrics = read_json(args.evaluation, "evaluate")["student"]
     out, report, protos, metas = Path(args.out), {}, {}, {}
     for role, path in (("student", args.student), ("teacher", args.teacher)):
         model = load_model(path, device)
         metas[role] = metadata_for(role, model.arch, data.classes, data.mean, data.std, data.input_shape, cfg.opset)
         protos[role] = to_onnx(model, data.input_shape, cfg.opset, metas[role])
-        onnx_path = save_onnx(protos[role], out / f"{role}.onnx")
+        serialized = protos[role].SerializeToString()
         torch_logits, _ = predict(model, test, desc=f"parity {role}")
-        report[role] = {**parity(onnx_path, torch_logits, (x for x, _, _ in test.batches()), cfg.atol),
-                        "file_bytes": onnx_path.stat().st_size, "params": count_params(model),
+        report[role] = {**parity(serialized, torch_logits, (x for x, _, _ in test.batches()), cfg.atol,
+                                 name=str(out / f"{role}.onnx")),
+                        "file_bytes": len(serialized), "params": count_params(model),
                         "macs": count_macs(model, data.input_shape)}
+    for role, proto in protos.items():  # written only once both passed the parity gate
+        save_onnx(proto, out / f"{role}.onnx")
     s = report["student"]
-    test_metrics = json.loads(Path(args.evaluation).read_text())["student"]
     card = model_card("student", metas["student"], s, test_metrics, s["params"], s["macs"], s["file_bytes"],
                       params["distill"].method)
     atomic_write(out / "student.md", card, text=True)

@@ -120,6 +120,16 @@ def test_all_stages_end_to_end(project, capsys):
     assert any(m.source_run_id == runs["student"].info.run_id for m in models)
 
 
+@pytest.mark.slow
+def test_export_writes_nothing_when_the_parity_gate_fails(project, capsys):
+    for step in (prepare, train_teacher, distill, evaluate):
+        assert step.main([]) == 0
+    write_params(project, export={"atol": 1e-12})  # float32 ONNX vs PyTorch differ by ~1e-6
+    assert export.main([]) == 2
+    assert "parity check failed for artifacts/onnx/student.onnx" in capsys.readouterr().err
+    assert not list((project / "artifacts").glob("onnx/*"))
+
+
 def test_teacher_checkpoint_from_user(project, tmp_path):
     """teacher.checkpoint loads the user's weights; a wrong architecture is one clear error."""
     import torch
