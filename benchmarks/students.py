@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 from benchmarks._runs import pin_teacher, read_sweep, run_student, sweep_arguments
-from kdcompress.io import write_json
+from kdcompress.io import atomic_write, write_json
 
 STUDENTS = ["tinycnn", "tinycnn:16-32-128", "tinycnn:16-48-96", "tinycnn:32-64-128", "mobilenet"]
 
@@ -55,8 +55,30 @@ def main(argv=None):
                              {**overrides, "distill.student": student, "base.seed": seed}, teacher=teacher, ship=True)
         results[key(student, seed, tag)] = {**result, "jobs": args.jobs, "teacher_sha": teacher_sha}
         write_json(results_path, results)
+        atomic_write(out / "students.md", table(results), text=True)
+    print(table(results))
     if failed:
         raise SystemExit("failed runs (not recorded): " + "; ".join(failed))
+
+
+def table(results: dict) -> str:
+    """One row per run: accuracy and its gap to the fp32 teacher, fp32 and int8 latency (onnxruntime,
+    batch 1, 1 thread, measured one run at a time), the int8 gate, what ships and its speed-up."""
+    rows = ["| student | top-1 | gap to teacher | ECE | fp32 p50 ms | int8 p50 ms | int8 top-1 (gate) | ships "
+            "| speed-up vs fp32 teacher | size KiB |", "|" + " --- |" * 10]
+    def p50(run: dict, role: str, precision: str) -> float:
+        return run["benchmark"][role][precision]["ort_edge"]["p50_ms"]
+
+    for name, r in sorted(results.items(), key=lambda kv: p50(kv[1], "student", "fp32")):
+        gate, ship = r["quantize"]["student"], r["ship"]
+        rows.append(" | ".join([
+            f"| {name.rsplit('/', 1)[0]}", f"{r['top1']:.2%}", f"{ship['gap_points']:.2f}", f"{r['ece']:.3f}",
+            f"{p50(r, 'student', 'fp32'):.4f}", f"{p50(r, 'student', 'int8'):.4f}",
+            f"{gate['int8_top1']:.2%} ({'pass' if gate['passed'] else 'fail'})",
+            "int8" if ship["int8_shipped"] else "fp32",
+            f"{ship['speedup_vs_teacher']:.1f}x (teacher {p50(r, 'teacher', 'fp32'):.3f} ms)",
+            f"{ship['size_kib']:.0f} |"]))
+    return "\n".join(rows) + "\n"
 
 
 def key(student: str, seed: int, tag: str) -> str:
