@@ -1,7 +1,7 @@
 """Architectures only (code, not weights). ``create_model(name, num_classes, in_channels)``.
 
 A name is a registry key, optionally with an argument after a colon that the builder reads
-(``tinycnn:16-48-96``: TinyCNN with those stage widths)."""
+(``tinycnn:16-48-96``: TinyCNN with those stage widths; ``mobilenet:16``: a MobileNet half as wide)."""
 
 from __future__ import annotations
 
@@ -21,13 +21,13 @@ MODELS: dict[str, Callable[..., Classifier]] = {
     "mobilenet": mobilenet,
     "tinycnn": tinycnn,
 }
-TAKES_ARGUMENT = {"tinycnn"}  # builders that read the part after "name:"
+TAKES_ARGUMENT = {"tinycnn", "mobilenet"}  # builders that read the part after "name:"
 
 
 def create_model(name: str, num_classes: int, in_channels: int) -> Classifier:
     key, _, argument = name.partition(":")
     if key not in MODELS:
-        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(sorted(MODELS))} (tinycnn:C1-C2-C3 for widths)")
+        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(sorted(MODELS))} (widths: tinycnn:C1-C2-C3, mobilenet:W)")
     if argument and key not in TAKES_ARGUMENT:
         raise ValueError(f"model {key!r} takes no argument after ':'; got {name!r}")
     model = MODELS[key](num_classes, in_channels, argument) if argument else MODELS[key](num_classes, in_channels)
