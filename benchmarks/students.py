@@ -26,17 +26,31 @@ STUDENTS = ["tinycnn", "tinycnn:16-32-128", "tinycnn:16-48-96", "tinycnn:32-64-1
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--students", nargs="+", default=STUDENTS)
+    p.add_argument("--remeasure", action="store_true",
+                   help="benchmark and ship every recorded run again, one after another, so that all the table's "
+                        "latencies come from one sitting (run it on an otherwise idle machine)")
     sweep_arguments(p, seeds=[0])
     args = p.parse_args(argv)
     overrides, results_path, results = read_sweep(args, "students")
     out = Path(args.out)
     teacher, teacher_sha = pin_teacher(results, out / "methods.json")
+    if args.remeasure:
+        for name in results:
+            student, tag, seed = parse_key(name)
+            folder = out / "runs" / folder_of(student, seed, tag)
+            for stale in ("benchmark.json", "summary.json"):
+                (folder / stale).unlink(missing_ok=True)
+            results[name].update(run_student(folder_of(student, seed, tag), out / "runs", {},
+                                             params_path=str(folder / "params.yaml"), teacher=teacher, ship=True))
+            write_json(results_path, results)
+        atomic_write(out / "students.md", table(results), text=True)
+        print(table(results))
+        return
     if args.jobs > 1:
         overrides["base.num_threads"] = max(1, (os.cpu_count() or 1) // args.jobs)
     tag = ",".join(f"{k}={v}" for k, v in sorted(overrides.items()) if k != "base.num_threads")
     todo = [(s, seed) for seed in args.seeds for s in args.students if key(s, seed, tag) not in results]
-    folders = {run: f"students/{run[0].replace(':', '_')}{tag and '_' + tag}_seed{run[1]}"
-               for run in todo}
+    folders = {run: folder_of(run[0], run[1], tag) for run in todo}
     failed = []
     # training side by side; then export, quantize, benchmark and ship one at a time, so that no
     # latency is measured while another job loads the cores
@@ -53,6 +67,7 @@ def main(argv=None):
     for student, seed in todo:
         result = run_student(folders[student, seed], out / "runs",
                              {**overrides, "distill.student": student, "base.seed": seed}, teacher=teacher, ship=True)
+        results = read_sweep(args, "students")[2]  # another sweep may have added runs meanwhile
         results[key(student, seed, tag)] = {**result, "jobs": args.jobs, "teacher_sha": teacher_sha}
         write_json(results_path, results)
         atomic_write(out / "students.md", table(results), text=True)
@@ -83,6 +98,17 @@ def table(results: dict) -> str:
 
 def key(student: str, seed: int, tag: str) -> str:
     return f"{student}{'|' + tag if tag else ''}/seed{seed}"
+
+
+def parse_key(name: str) -> tuple[str, str, int]:
+    """``(student, tag, seed)`` of a results key (the inverse of ``key``)."""
+    run, seed = name.rsplit("/seed", 1)
+    student, _, tag = run.partition("|")
+    return student, tag, int(seed)
+
+
+def folder_of(student: str, seed: int, tag: str) -> str:
+    return f"students/{student.replace(':', '_')}{tag and '_' + tag}_seed{seed}"
 
 
 if __name__ == "__main__":

@@ -45,3 +45,12 @@ def test_plan_skips_finished_runs_and_starts_each_seed_with_the_slowest_methods(
     methods = ["ce", "kd", "dkd", "data_free"]
     assert plan(results, methods, [0, 1]) == [("dkd", 0), ("data_free", 1), ("ce", 1), ("dkd", 1)]
     assert plan(results, methods, [1]) == [("data_free", 1), ("ce", 1), ("dkd", 1)]
+
+
+def test_student_sweep_keys_round_trip_to_their_run_folders():
+    from benchmarks.students import folder_of, key, parse_key
+
+    for student, seed, tag in (("tinycnn", 0, ""), ("tinycnn:16-48-96", 1, "distill.epochs=20")):
+        assert parse_key(key(student, seed, tag)) == (student, tag, seed)
+    assert folder_of("mobilenet:16", 0, "") == "students/mobilenet_16_seed0"
+    assert folder_of("tinycnn", 2, "distill.epochs=20") == "students/tinycnn_distill.epochs=20_seed2"
