@@ -1,4 +1,5 @@
-"""Every KD method on the default pipeline settings (same teacher, student, epochs), >= 2 seeds.
+"""Every KD method on the default pipeline settings (same teacher, epochs; the TinyCNN student of the
+committed table unless -S distill.student=... says otherwise), >= 2 seeds.
 
     python -m benchmarks.methods [--methods kd dkd ...] [--seeds 0 1] [--jobs 2] [-S distill.epochs=5]
 
@@ -37,6 +38,7 @@ def main(argv=None):
     sweep_arguments(p, seeds=[0, 1])
     args = p.parse_args(argv)
     overrides, results_path, results = read_sweep(args, "methods")
+    overrides.setdefault("distill.student", "tinycnn")  # the student of the committed table
     out = Path(args.out)
     teacher, teacher_sha = pin_teacher(results, results_path)
     todo = plan(results, args.methods, args.seeds)

@@ -33,6 +33,7 @@ def main(argv=None):
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     overrides, results_path, results = read_sweep(args, f"sakd_{args.method}")
+    overrides.setdefault("distill.student", "tinycnn")  # the student of the committed tables
     out = Path(args.out)
     for seed in args.seeds:  # seed-major, so a cut-short run still compares configs on the same seeds
         for config in args.configs:

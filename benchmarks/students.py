@@ -20,7 +20,7 @@ from pathlib import Path
 from benchmarks._runs import pin_teacher, read_sweep, run_student, sweep_arguments
 from kdcompress.io import atomic_write, write_json
 
-STUDENTS = ["tinycnn", "tinycnn:16-32-128", "tinycnn:16-48-96", "tinycnn:32-64-128", "mobilenet"]
+STUDENTS = ["tinycnn", "tinycnn:16-32-128", "tinycnn:16-48-96", "tinycnn:32-64-128", "mobilenet:16", "mobilenet"]
 
 
 def main(argv=None):

@@ -107,7 +107,7 @@ class TeacherConfig(TrainConfig):
 
 @dataclass(frozen=True)
 class DistillConfig(TrainConfig):
-    student: str = "tinycnn"
+    student: str = "mobilenet:16"
     method: str = "kd"
     sampling: str = _opt("full", choices=("full", "sakd"))
     ce_weight: float | None = _opt(None, lo=0.0)  # null: the method's recipe (0.1/0.9 logit, 1/1 feature)
