@@ -22,6 +22,7 @@ class Point:
     size_kib: float
     shippable: bool  # int8 only where it passed the accuracy gate
     run_id: str
+    shipped: bool = True  # what the run's ship stage chose (int8 only if it also was faster)
     on_front: bool = False
 
     def row(self) -> dict:
@@ -51,6 +52,7 @@ def points(runs: list[dict]) -> list[Point]:
                     role=role, precision=precision, top1=m[f"quantize.{role}.{precision}_top1"],
                     p50_ms=m[f"{bench}.ort_edge.p50_ms"], size_kib=m[f"{bench}.file_bytes"] / 1024,
                     shippable=precision == "fp32" or bool(m.get(f"quantize.{role}.passed")), run_id=run["run_id"])
+                point.shipped = run["tags"].get("kdcompress.shipped", precision) == precision and point.shippable
                 if role == "student":
                     out.append(point)
                 else:
@@ -72,8 +74,9 @@ def mark_front(pts: list[Point]) -> list[Point]:
 
 
 def best_under(pts: list[Point], max_latency_ms: float | None, max_size_kib: float | None) -> Point | None:
-    """The most accurate shippable student within the budget (ties: the faster one); None if none fits."""
-    fits = [p for p in pts if p.role == "student" and p.shippable
+    """The most accurate student within the budget, each run as its ship stage shipped it (int8 only
+    where it passed the gate and was faster; ties: the faster one); None if none fits."""
+    fits = [p for p in pts if p.role == "student" and p.shipped
             and (max_latency_ms is None or p.p50_ms <= max_latency_ms)
             and (max_size_kib is None or p.size_kib <= max_size_kib)]
     return max(fits, key=lambda p: (p.top1, -p.p50_ms), default=None)
@@ -90,7 +93,7 @@ def ranks(runs: list[dict]) -> list[dict]:
 
 def plot(pts: list[Point]):
     """Accuracy against batch-1 latency (log scale), students and teachers, fp32 and int8, front joined."""
-    from kdcompress.figures import plt
+    from kdcompress.figures import matplotlib, plt
 
     fig, ax = plt.subplots(figsize=(8, 5.2))
     style = {("student", "fp32"): ("o", "tab:blue"), ("student", "int8"): ("s", "tab:cyan"),
@@ -106,6 +109,9 @@ def plot(pts: list[Point]):
         ax.annotate(f"{p.name.split(' #')[0]} {p.precision}", (p.p50_ms, 100 * p.top1), fontsize=7,
                     xytext=(4, -10), textcoords="offset points")
     ax.set_xscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
     ax.set(xlabel="onnxruntime batch-1 p50 latency, 1 thread (ms, log scale)", ylabel="test top-1 (%)",
            title="Accuracy vs latency (hollow: int8 that failed the gate)")
     ax.legend(fontsize=8, loc="lower right")

@@ -68,7 +68,7 @@ def main(argv=None):
         print(f"best student under {limits}: {best.name} {best.precision} (top-1 {best.top1:.2%}, "
               f"p50 {best.p50_ms:.4f} ms, {best.size_kib:.1f} KiB)")
     else:
-        shippable = [pt for pt in pts if pt.role == "student" and pt.shippable]
+        shippable = [pt for pt in pts if pt.role == "student" and pt.shipped]
         print(f"no student fits {limits}: the fastest is {min(pt.p50_ms for pt in shippable):.4f} ms, "
               f"the smallest {min(pt.size_kib for pt in shippable):.1f} KiB")
     print(f"written to {out}")

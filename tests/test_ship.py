@@ -139,8 +139,8 @@ def test_ship_stage_refuses_missing_inputs_in_one_line(tmp_path, capsys):
 
 
 def test_front_and_budget():
-    def pt(name, top1, ms, kib=10.0, shippable=True, role="student"):
-        return Point(name, role, "fp32", top1, ms, kib, shippable, name)
+    def pt(name, top1, ms, kib=10.0, shippable=True, role="student", shipped=True):
+        return Point(name, role, "fp32", top1, ms, kib, shippable, name, shipped and shippable)
     pts = mark_front([pt("fast", 0.88, 0.02), pt("mid", 0.90, 0.05), pt("dominated", 0.89, 0.06),
                       pt("broken", 0.95, 0.01, shippable=False), pt("big", 0.92, 0.20, kib=400),
                       pt("teacher", 0.93, 0.50, role="teacher")])
@@ -149,6 +149,8 @@ def test_front_and_budget():
     assert best_under(pts, None, 100).name == "mid"
     assert best_under(pts, None, None).name == "big"  # the teacher is never the answer
     assert best_under(pts, 0.01, None) is None
+    not_shipped = mark_front([pt("slower int8", 0.905, 0.03, shipped=False), pt("its fp32", 0.90, 0.02)])
+    assert best_under(not_shipped, 0.05, None).name == "its fp32"  # as the ship stage decided
 
 
 def log_student(name: str, top1: float, ms: float, int8_ms: float, passed: bool) -> None:
