@@ -75,7 +75,7 @@ def run_student(name: str, out_root: Path, overrides: dict, params_path: str = "
     params_arg, teacher_arg = ["--params", str(folder / "params.yaml")], ["--teacher", str(teacher)]
     student = ["--student", str(folder / "student.pt")]
     files = {f: str(folder / f) for f in ("distill.json", "evaluate.json", "export.json", "quantize.json",
-                                                   "benchmark.json", "summary.json", "onnx", "ship")}
+                                          "benchmark.json", "summary.json", "onnx", "ship")}
     steps = [(distill, "distill.json", params_arg + teacher_arg + [
                  "--out", str(folder / "student.pt"), "--last", str(folder / "student_last.pt"), "--metrics",
                  files["distill.json"], "--plots", str(folder / "history.csv"),

@@ -79,8 +79,8 @@ def main(argv=None):
 def table(results: dict) -> str:
     """One row per run: accuracy and its gap to the fp32 teacher, fp32 and int8 latency (onnxruntime,
     batch 1, 1 thread, measured one run at a time), the int8 gate, what ships and its speed-up."""
-    rows = ["| student | top-1 (fp32) | gap of what ships to the teacher (points) | ECE | fp32 p50 ms | int8 p50 ms | int8 top-1 (gate) | ships "
-            "| speed-up vs fp32 teacher | size KiB |", "|" + " --- |" * 10]
+    rows = ["| student | top-1 (fp32) | gap of what ships to the teacher (points) | ECE | fp32 p50 ms | int8 p50 ms "
+            "| int8 top-1 (gate) | ships | speed-up vs fp32 teacher | size KiB |", "|" + " --- |" * 10]
     def p50(run: dict, role: str, precision: str) -> float:
         return run["benchmark"][role][precision]["ort_edge"]["p50_ms"]
 

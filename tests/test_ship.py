@@ -16,7 +16,10 @@ from kdcompress.leaderboard import Point, best_under, mark_front
 from kdcompress.quantize import gate, int8_path, quantize
 from kdcompress.ship import decide
 from models import create_model
+from conftest import ROOT
+from pipeline import benchmark as benchmark_stage
 from pipeline import leaderboard, ship
+from pipeline import quantize as quantize_stage
 
 SHAPE, CLASSES = [1, 16, 16], ["a", "b", "c", "d"]
 
@@ -136,6 +139,23 @@ def test_ship_stage_refuses_missing_inputs_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.endswith("nope.json: not found (written by the evaluate stage; run it first)") and "\n" not in err
     assert not (tmp_path / "ship").exists()
+
+
+@pytest.mark.parametrize("stage", [quantize_stage, benchmark_stage])
+def test_a_garbage_or_missing_onnx_file_is_one_line(quantized, tmp_path, capsys, stage):
+    onnx_dir = tmp_path / "onnx"
+    onnx_dir.mkdir()
+    (onnx_dir / "student.onnx").write_bytes(b"\x08\x07garbage, not a protobuf")
+    (onnx_dir / "teacher.onnx").write_bytes(quantized["good"][0].read_bytes())
+    metrics = tmp_path / "out.json"
+    args = ["--params", str(ROOT / "params.yaml"), "--onnx", str(onnx_dir), "--metrics", str(metrics)]
+    assert stage.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {onnx_dir / 'student.onnx'}: not a valid ONNX model (") and "\n" not in err
+    (onnx_dir / "student.onnx").unlink()
+    assert stage.main(args) == 2
+    assert f"ONNX model not found: {onnx_dir / 'student.onnx'}" in capsys.readouterr().err
+    assert not metrics.exists()
 
 
 def test_front_and_budget():
