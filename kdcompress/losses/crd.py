@@ -19,7 +19,7 @@ Negatives, by ``mode``:
 Differences from the paper: the paper keeps an index-keyed memory bank of every training sample
 (momentum 0.5) and draws 16384 negatives per anchor with an NCE objective. That bank needs each
 sample's dataset index inside the loss, which ``forward(student_out, teacher_out, target)`` does
-not receive; it is not faked here (see the zoo's report to the lead). Defaults: feat_dim 128,
+not receive; it is not faked here. Defaults: feat_dim 128,
 tau 0.07 and weight 0.8 from the paper's CIFAR-100 recipe (``-b 0.8``; the Knowledge-
 Distillation-Zoo reimplementation uses 0.2 on 10-class CIFAR-10), 4096 queued negatives (our
 splits are ~54k; 16384 would hold stale embeddings from a third of an epoch back).

@@ -1,5 +1,5 @@
 """SAKD: sample-level adaptive knowledge distillation (Li, Ping, Wang, Song, ACM MM 2025), the image
-version of /work/shared/SAKD.md, as a ``SampleSelector``.
+version of the paper's algorithm, as a ``SampleSelector``.
 
 Every ``interval`` epochs (0-based epochs ``n`` with ``n % interval == 0``) one selection round:
 
