@@ -74,7 +74,13 @@ def load_meta(data_dir: str | Path) -> dict:
     path = Path(data_dir) / "meta.json"
     if not path.exists():
         raise UserError(f"prepared data not found: {path} (run the prepare stage first)")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+        meta["classes"], meta["mean"], meta["std"], meta["input_shape"]  # noqa: B018 - the keys readers need
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise UserError(f"{path}: corrupt prepared metadata ({type(err).__name__}: {err}); "
+                        "rerun the prepare stage") from None
+    return meta
 
 
 def load_prepared(data_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> Prepared:
@@ -82,8 +88,14 @@ def load_prepared(data_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> Pre
     parts = {}
     for name in SPLITS:
         if name in splits:
-            blob = torch.load(Path(data_dir) / f"{name}.pt", weights_only=True)
-            parts[name] = Split(blob["images"], blob["labels"])
+            path = Path(data_dir) / f"{name}.pt"
+            try:
+                blob = torch.load(path, weights_only=True)
+                parts[name] = Split(blob["images"], blob["labels"])
+            except Exception as err:  # noqa: BLE001 - a truncated zip, a bad pickle, a missing key, ...
+                reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+                raise UserError(f"{path}: not a readable prepared split ({reason}); "
+                                "rerun the prepare stage") from None
         else:
             parts[name] = Split(torch.empty(0, *meta["input_shape"], dtype=torch.uint8), torch.empty(0, dtype=torch.long))
     return Prepared(**parts, classes=meta["classes"], mean=meta["mean"], std=meta["std"], source=meta["source"])

@@ -62,11 +62,16 @@ def build_model(arch: str, num_classes: int, in_channels: int) -> torch.nn.Modul
         raise UserError(str(err)) from None
 
 
-def load_model(path: str, device: torch.device) -> torch.nn.Module:
-    """A model rebuilt from one of our checkpoints, in eval mode, channels_last."""
+def load_model(path: str, device: torch.device, data=None) -> torch.nn.Module:
+    """A model rebuilt from one of our checkpoints, in eval mode, channels_last; with ``data`` (a
+    Prepared split set) its classes and input channels must match the data's."""
     ckpt = read_checkpoint(path)
     if "arch" not in ckpt:
         raise UserError(f"{path}: not a kdcompress checkpoint (no architecture recorded)")
+    if data is not None and (ckpt["num_classes"], ckpt["in_channels"]) != (len(data.classes), data.input_shape[0]):
+        raise UserError(f"{path}: the model takes {ckpt['in_channels']}-channel images and predicts "
+                        f"{ckpt['num_classes']} classes; the data has {data.input_shape[0]} channels and "
+                        f"{len(data.classes)} classes")
     model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt["in_channels"])
     load_weights(model, ckpt["state_dict"], path)
     return model.to(device, memory_format=torch.channels_last).eval()

@@ -40,9 +40,7 @@ def main(argv=None):
     student = student.to(device, memory_format=torch.channels_last)
     teacher = None
     if (loss is not None and loss.needs_teacher) or cfg.sampling != "full":
-        teacher = load_model(args.teacher, device)
-        if teacher.head.out_features != len(data.classes):
-            raise UserError(f"{args.teacher}: teacher has {teacher.head.out_features} classes, data has {len(data.classes)}")
+        teacher = load_model(args.teacher, device, data)
         if ort_teacher:
             teacher = OrtTeacher(teacher, data.input_shape)
     distiller = Distiller(student, teacher, loss, cfg.ce_weight, cfg.kd_weight, cfg.label_smoothing)

@@ -23,7 +23,7 @@ def main(argv=None):
     test = loader(data.test, {"mean": data.mean, "std": data.std}, device, cfg.batch_size)
     logits = {}
     for role, path in (("teacher", args.teacher), ("student", args.student)):
-        logits[role], labels = predict(load_model(path, device), test, desc=f"test {role}")
+        logits[role], labels = predict(load_model(path, device, data), test, desc=f"test {role}")
     report = {"teacher": classification_metrics(logits["teacher"], labels, n_bins=cfg.ece_bins),
               "student": classification_metrics(logits["student"], labels, logits["teacher"], n_bins=cfg.ece_bins)}
     plots = Path(args.plots)

@@ -27,7 +27,7 @@ def main(argv=None):
     test_metrics = read_json(args.evaluation, "evaluate")["student"]
     out, report, protos, metas = Path(args.out), {}, {}, {}
     for role, path in (("student", args.student), ("teacher", args.teacher)):
-        model = load_model(path, device)
+        model = load_model(path, device, data)
         metas[role] = metadata_for(role, model.arch, data.classes, data.mean, data.std, data.input_shape, cfg.opset)
         protos[role] = to_onnx(model, data.input_shape, cfg.opset, metas[role])
         serialized = protos[role].SerializeToString()

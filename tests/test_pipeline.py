@@ -130,6 +130,33 @@ def test_export_writes_nothing_when_the_parity_gate_fails(project, capsys):
     assert not list((project / "artifacts").glob("onnx/*"))
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("truncate_train", "artifacts/data/train.pt: not a readable prepared split ("),
+    ("corrupt_meta", "artifacts/data/meta.json: corrupt prepared metadata (JSONDecodeError"),
+    ("rgb_teacher", "artifacts/teacher/teacher.pt: the model takes 3-channel images and predicts 10 classes; "
+                    "the data has 1 channels and 10 classes"),
+])
+def test_a_bad_file_between_stages_is_one_line(project, capsys, damage, message):
+    from kdcompress.checkpoint import save_checkpoint
+    from models import create_model
+
+    assert prepare.main([]) == 0
+    data = project / "artifacts/data"
+    if damage == "truncate_train":
+        blob = (data / "train.pt").read_bytes()
+        (data / "train.pt").write_bytes(blob[:len(blob) // 2])
+    elif damage == "corrupt_meta":
+        (data / "meta.json").write_text('{"classes": [')
+    else:
+        save_checkpoint(project / "artifacts/teacher/teacher.pt", "resnet20", 10, 3,
+                        create_model("resnet20", 10, 3).state_dict())
+    capsys.readouterr()
+    assert distill.main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+    assert not (project / "artifacts/student").exists()
+
+
 def test_teacher_checkpoint_from_user(project, tmp_path):
     """teacher.checkpoint loads the user's weights; a wrong architecture is one clear error."""
     import torch
