@@ -24,11 +24,10 @@ from pathlib import Path
 
 from benchmarks._runs import mean_std, pin_teacher, read_sweep, run_student, sweep_arguments
 from kdcompress.io import atomic_write, write_json
+from kdcompress.leaderboard import RANKED
 from kdcompress.losses import LOSSES
 from kdcompress.metrics import rank_table
 
-RANKED = {"top1": "max", "nll": "min", "ece": "min", "agreement": "max", "kl_teacher_student": "min",
-          "logit_cosine": "max", "entropy": "min"}
 SHOWN = ["top1", "ece", "nll", "agreement", "kl_teacher_student", "logit_cosine", "entropy", "epoch_seconds"]
 
 

@@ -33,11 +33,17 @@ def to_onnx(model: torch.nn.Module, input_shape: list[int], opset: int, metadata
                                 output_names=list(output_names), dynamic_shapes=({0: batch},), optimize=True,
                                 verbose=False)
     proto = program.model_proto
+    set_metadata(proto, metadata)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
+    """Replace the model's metadata with ``metadata``."""
+    del proto.metadata_props[:]
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    onnx.checker.check_model(proto, full_check=True)
-    return proto
 
 
 def save_onnx(proto: onnx.ModelProto, path: str | Path) -> Path:

@@ -18,7 +18,7 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
                                       quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from kdcompress.export import INPUT_NAME, save_onnx
+from kdcompress.export import INPUT_NAME, save_onnx, set_metadata
 
 CALIBRATIONS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                 "percentile": CalibrationMethod.Percentile}
@@ -52,11 +52,7 @@ def quantize(fp32_path: str | Path, out_path: str | Path, calibration: Iterable[
                         calibrate_method=CALIBRATIONS[method])
         model = onnx.load(str(quantized))
     metadata = {p.key: p.value for p in onnx.load(str(fp32_path), load_external_data=False).metadata_props}
-    metadata.update({"kdcompress.precision": "int8", "kdcompress.calibration": method})
-    del model.metadata_props[:]
-    for key, value in metadata.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
+    set_metadata(model, {**metadata, "kdcompress.precision": "int8", "kdcompress.calibration": method})
     onnx.checker.check_model(model, full_check=True)
     return save_onnx(model, out_path)
 

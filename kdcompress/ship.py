@@ -34,12 +34,10 @@ def summary(precision: str, evaluation: dict, gate: dict, bench: dict) -> dict:
 def card(metadata: dict[str, str], precision: str, reason: str, evaluation: dict, quant: dict, bench: dict) -> str:
     """The markdown model card shipped beside ``model.onnx``."""
     classes = json.loads(metadata["classes"])
-    s, t = bench["student"], bench["teacher"]
-
     def row(name, fmt, get):
-        return f"| {name} | " + " | ".join(fmt(get(r, p)) for r in (s, t) for p in ("fp32", "int8")) + " |"
+        return (f"| {name} | " + " | ".join(fmt(get(bench[r][p], quant[r], p)) for r in ("student", "teacher")
+                                          for p in ("fp32", "int8")) + " |")
 
-    top1 = {id(s): quant["student"], id(t): quant["teacher"]}
     env = bench["environment"]
     lines = [
         f"# {metadata['kdcompress.architecture']} student, shipped as {precision}", "",
@@ -64,14 +62,14 @@ def card(metadata: dict[str, str], precision: str, reason: str, evaluation: dict
         f"probabilities). Classes: {', '.join(classes)}.", "",
         f"## Figures (onnxruntime {env['onnxruntime']}, {env['cpu']}, {env['cpu_count']} cores)", "",
         "| | student fp32 | student int8 | teacher fp32 | teacher int8 |", "| --- | --- | --- | --- | --- |",
-        row("test top-1 (ONNX)", "{:.2%}".format, lambda r, p: top1[id(r)][f"{p}_top1"]),
-        row("batch-1 p50 ms (1 thread)", "{:.4f}".format, lambda r, p: r[p]["ort_edge"]["p50_ms"]),
+        row("test top-1 (ONNX)", "{:.2%}".format, lambda b, g, p: g[f"{p}_top1"]),
+        row("batch-1 p50 ms (1 thread)", "{:.4f}".format, lambda b, g, p: b["ort_edge"]["p50_ms"]),
         row("batch-1 p90 / p99 ms", lambda v: f"{v[0]:.4f} / {v[1]:.4f}",
-            lambda r, p: (r[p]["ort_edge"]["p90_ms"], r[p]["ort_edge"]["p99_ms"])),
+            lambda b, g, p: (b["ort_edge"]["p90_ms"], b["ort_edge"]["p99_ms"])),
         row(f"batch-{env['server_batch']} images/s (all cores)", "{:,.0f}".format,
-            lambda r, p: r[p]["ort_server"]["images_per_s"]),
-        row("peak memory MiB (batch 1)", "{:.1f}".format, lambda r, p: r[p]["memory_edge"]["peak_rss_mib"]),
-        row("file KiB", "{:.1f}".format, lambda r, p: r[p]["file_bytes"] / 1024), "",
+            lambda b, g, p: b["ort_server"]["images_per_s"]),
+        row("peak memory MiB (batch 1)", "{:.1f}".format, lambda b, g, p: b["memory_edge"]["peak_rss_mib"]),
+        row("file KiB", "{:.1f}".format, lambda b, g, p: b["file_bytes"] / 1024), "",
         f"int8 vs fp32 top-1 agreement on the test split: student {quant['student']['agreement']:.2%}, teacher "
         f"{quant['teacher']['agreement']:.2%} (calibration: {quant['student']['calibration']}, "
         f"{quant['student']['calibration_samples']} training images).", "",

@@ -123,11 +123,15 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifact(str(path), artifact_path)
 
 
-def log_figure(fig, name: str) -> None:
-    """A matplotlib figure as an image of the active run (``figures/<name>``), shown in `mlflow ui`."""
+def log_figure(fig, name: str, path: str | Path) -> None:
+    """A matplotlib figure as an image of the active run (``figures/<name>``, shown in `mlflow ui`),
+    also written as a PNG at ``path`` (a DVC image plot); the figure is closed."""
     import mlflow
 
+    from kdcompress.figures import save
+
     mlflow.log_figure(fig, f"figures/{name}")
+    save(fig, path)
 
 
 def log_onnx(proto, input_shape: list[int], name: str = "student_onnx") -> None:

@@ -66,8 +66,7 @@ def main(argv=None):
                    "samples_seen": sum(h["samples"] for h in result.history)}
         tracking.log_metrics(summary)
         curves = figures.training_curves(result.history, f"{cfg.student} student ({cfg.method}, {cfg.sampling})")
-        tracking.log_figure(curves, "training_curves.png")
-        figures.save(curves, Path(args.plots).with_suffix(".png"))
+        tracking.log_figure(curves, "training_curves.png", Path(args.plots).with_suffix(".png"))
         write_csv(args.rounds, selector.history or [{"epoch": None}])
         if selector.history:
             tracking.log_artifact(args.rounds)

@@ -44,8 +44,7 @@ def main(argv=None):
         for name in ("reliability_student.csv", "reliability_teacher.csv", "confusion.csv"):
             tracking.log_artifact(plots / name, "evaluate")
         for name, fig in images.items():
-            tracking.log_figure(fig, name)
-            figures.save(fig, plots / name)
+            tracking.log_figure(fig, name, plots / name)
     write_json(args.metrics, report)
     s, t = report["student"], report["teacher"]
     print(f"test top1: teacher {t['top1']:.4f}, student {s['top1']:.4f}; student ECE {s['ece']:.4f}, "

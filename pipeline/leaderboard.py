@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdcompress import figures, leaderboard, tracking
+from kdcompress import leaderboard, tracking
 from kdcompress.io import atomic_write, write_csv, write_json
 from kdcompress.types import UserError
 from pipeline._common import parser, stage
@@ -51,8 +51,7 @@ def main(argv=None):
     fig = leaderboard.plot(pts)
     with tracking.start_run("leaderboard", "leaderboard"):
         tracking.log_params({"leaderboard": {**budget, "runs": len(runs)}})
-        tracking.log_figure(fig, "pareto.png")
-        figures.save(fig, out / "pareto.png")
+        tracking.log_figure(fig, "pareto.png", out / "pareto.png")
         for name in ("ranks.md", "ranks.csv", "pareto.csv", "best.json"):
             tracking.log_artifact(out / name)
         if best:

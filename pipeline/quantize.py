@@ -26,14 +26,13 @@ def main(argv=None):
     meta = {"mean": data.mean, "std": data.std}
     pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))[:cfg.samples]
     calibration = loader(data.train, meta, "cpu", 64)
-    test = loader(data.test, meta, "cpu", 1024)
+    test = [x.numpy() for x, _, _ in loader(data.test, meta, "cpu", 1024).batches()]
     labels = data.test.labels.numpy()
     report = {}
     for role, fp32 in paths.items():
         int8 = quantize(fp32, int8_path(fp32), (x.numpy() for x, _, _ in calibration.batches(pick)),
                         cfg.calibration, cfg.per_channel)
-        report[role] = {**gate(ort_predict(fp32, (x for x, _, _ in test.batches())),
-                               ort_predict(int8, (x for x, _, _ in test.batches())), labels, cfg.max_drop),
+        report[role] = {**gate(ort_predict(fp32, test), ort_predict(int8, test), labels, cfg.max_drop),
                         "calibration": cfg.calibration, "calibration_samples": len(pick),
                         "per_channel": cfg.per_channel}
     write_json(args.metrics, report)

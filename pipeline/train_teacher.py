@@ -52,8 +52,7 @@ def main(argv=None):
         tracking.log_metrics(summary)
         curves = figures.training_curves(history, f"{cfg.model} teacher"
                                          + (f" (loaded from {cfg.checkpoint}, not trained)" if cfg.checkpoint else ""))
-        tracking.log_figure(curves, "training_curves.png")
-        figures.save(curves, Path(args.plots).with_suffix(".png"))
+        tracking.log_figure(curves, "training_curves.png", Path(args.plots).with_suffix(".png"))
     write_json(args.metrics, summary)
     write_csv(args.plots, history, columns=["epoch", "train_loss", "train_acc", "val_acc", "lr", "epoch_seconds"])
     print(f"teacher {cfg.model}: val_acc {val_acc:.4f} ({seconds:.0f}s) -> {Path(args.out)}")
