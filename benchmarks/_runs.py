@@ -77,7 +77,7 @@ def run_student(name: str, out_root: Path, overrides: dict, params_path: str = "
     files = {f: str(folder / f) for f in ("distill.json", "evaluate.json", "export.json", "quantize.json",
                                           "benchmark.json", "summary.json", "onnx", "ship")}
     steps = [(distill, "distill.json", params_arg + teacher_arg + [
-                 "--out", str(folder / "student.pt"), "--last", str(folder / "student_last.pt"), "--metrics",
+                 "--out", str(folder / "student.pt"), "--resume", str(folder / "resume.pt"), "--metrics",
                  files["distill.json"], "--plots", str(folder / "history.csv"),
                  "--rounds", str(folder / "rounds.csv")]),
              (evaluate, "evaluate.json", params_arg + teacher_arg + student + [

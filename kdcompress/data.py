@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kdcompress.io import atomic_write
@@ -101,11 +102,20 @@ def load_prepared(data_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> Pre
     return Prepared(**parts, classes=meta["classes"], mean=meta["mean"], std=meta["std"], source=meta["source"])
 
 
+def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    """A CPU generator that depends only on (seed, epoch, stream): epochs can be replayed in any
+    order, in any process (resume, the teacher-output cache)."""
+    mixed = np.random.SeedSequence([seed, epoch, stream]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(mixed[0]) << 31 | int(mixed[1]) >> 1)
+
+
 class BatchLoader:
     """Batches of (x, y, index) from a uint8 split held on ``device``.
 
     ``x`` is float, normalised with the data set's mean/std and in channels_last memory format.
-    With ``augment``: random crop with zero padding and random horizontal flip, batch-wise.
+    With ``augment``: random crop with zero padding and random horizontal flip. The shuffle order
+    of epoch ``e`` and the crop/flip of sample ``i`` in epoch ``e`` are pure functions of
+    ``(seed, e, i)``: no generator state is carried from one epoch to the next.
     ``transform`` (optional) maps a float batch in [0, 1] before normalisation (SAKD's
     interruptions use it).
     """
@@ -120,7 +130,7 @@ class BatchLoader:
         self.batch_size = batch_size
         self.crop_padding = crop_padding
         self.hflip = hflip
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -130,34 +140,40 @@ class BatchLoader:
         return (n + self.batch_size - 1) // self.batch_size
 
     def batches(self, indices: torch.Tensor | None = None, shuffle: bool = False, augment: bool = False,
-                transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                transform: Callable[[torch.Tensor], torch.Tensor] | None = None, epoch: int = 0,
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         idx = torch.arange(len(self), device=self.device) if indices is None else indices.to(self.device)
         if shuffle:
-            idx = idx[torch.randperm(len(idx), device=self.device, generator=self.generator)]
+            perm = torch.randperm(len(idx), generator=epoch_generator(self.seed, epoch, 0))
+            idx = idx[perm.to(self.device)]
+        draws = self.augmentation(epoch) if augment else None
         for start in range(0, len(idx), self.batch_size):
             b = idx[start:start + self.batch_size]
             x = self.images[b].float().div_(255.0)
-            if augment:
-                x = self.augment(x)
+            if draws is not None:
+                x = self.augment(x, *(d[b] for d in draws))
             if transform is not None:
                 x = transform(x)
             x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
             yield x, self.labels[b], b
 
-    def augment(self, x: torch.Tensor) -> torch.Tensor:
+    def augmentation(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-sample (dy, dx, flip) of every sample of the split in ``epoch``."""
+        g, n, span = epoch_generator(self.seed, epoch, 1), len(self), 2 * self.crop_padding + 1
+        dy = torch.randint(0, span, (n,), generator=g)
+        dx = torch.randint(0, span, (n,), generator=g)
+        flip = (torch.rand(n, generator=g) < 0.5) & self.hflip
+        return dy.to(self.device), dx.to(self.device), flip.to(self.device)
+
+    def augment(self, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        """Crop each image at offset (dy, dx) of its zero-padded copy, then flip where ``flip``."""
         n, _, h, w = x.shape
         p = self.crop_padding
         if p > 0:
             padded = torch.nn.functional.pad(x, (p, p, p, p))
-            dy = torch.randint(0, 2 * p + 1, (n, 1), device=x.device, generator=self.generator)
-            dx = torch.randint(0, 2 * p + 1, (n, 1), device=x.device, generator=self.generator)
-            rows = (torch.arange(h, device=x.device) + dy)[:, None, :, None]  # [n, 1, h, 1]
-            cols = (torch.arange(w, device=x.device) + dx)[:, None, None, :]  # [n, 1, 1, w]
+            rows = (torch.arange(h, device=x.device) + dy[:, None])[:, None, :, None]  # [n, 1, h, 1]
+            cols = (torch.arange(w, device=x.device) + dx[:, None])[:, None, None, :]  # [n, 1, 1, w]
             batch = torch.arange(n, device=x.device)[:, None, None, None]
             chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
             x = padded[batch, chan, rows, cols]
-        if self.hflip:
-            flip = torch.rand(n, device=x.device, generator=self.generator) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        return x
+        return torch.where(flip[:, None, None, None], x.flip(3), x)

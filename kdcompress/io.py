@@ -16,9 +16,12 @@ from kdcompress.types import UserError
 
 def atomic_write(path: str | Path, content: str | bytes | Callable[[Any], None], text: bool = False) -> Path:
     """Write ``content`` (a string, bytes, or a function that writes to a binary file object)
-    to ``path`` via a temporary file in the same folder, so readers never see half a file."""
+    to ``path`` via a temporary file in the same folder, flushed to disk before the rename, so
+    readers never see half a file. Temporary files a killed earlier write of ``path`` left are removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -26,6 +29,8 @@ def atomic_write(path: str | Path, content: str | bytes | Callable[[Any], None],
                 content(f)
             else:
                 f.write(content.encode() if text or isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -39,6 +44,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     ``path`` whole (readers see the old folder or the new one, never a mix), else it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed earlier run
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     tmp.chmod(0o755)  # mkdtemp makes it private; the folder is meant to be read and copied
     try:

@@ -47,10 +47,28 @@ def _client_setup():
     return mlflow
 
 
-def start_run(role: str, run_name: str, tags: dict[str, str] | None = None):
-    """A new run (``role`` is 'teacher' or 'student')."""
+def start_run(role: str, run_name: str, tags: dict[str, str] | None = None, run_id: str | None = None):
+    """A new run (``role`` is 'teacher' or 'student'), or the run ``run_id`` continued (a resumed
+    stage) when the store still has it."""
     mlflow = _client_setup()
+    if run_id is not None and _exists(mlflow, run_id):
+        return mlflow.start_run(run_id=run_id)
     return mlflow.start_run(run_name=run_name, tags={TAG_ROLE: role, **(tags or {})})
+
+
+def _exists(mlflow, run_id: str) -> bool:
+    try:
+        mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return False
+    return True
+
+
+def mark_killed(run_id: str) -> None:
+    """End a run a killed stage left RUNNING and that will not be continued."""
+    mlflow = _client_setup()
+    if _exists(mlflow, run_id) and mlflow.get_run(run_id).info.status == "RUNNING":
+        mlflow.MlflowClient().set_terminated(run_id, "KILLED")
 
 
 def resume_run(role: str, checkpoint: str | Path, run_name: str):

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from kdcompress.config import TrainConfig
 from kdcompress.data import BatchLoader
 from kdcompress.distiller import Distiller
+from kdcompress.resume import rng_state, set_rng_state, to_cpu
 from kdcompress.selection.base import SampleSelector
 from kdcompress.types import UserError
 
@@ -74,19 +75,22 @@ class FitResult:
     best_state: dict  # student state_dict at the best validation accuracy
     best_epoch: int
     best_val_acc: float
-    last_state: dict  # everything needed to resume (student, loss, optimizer, selector, epoch)
+    last_state: dict  # everything needed to resume (see kdcompress.resume), on the CPU
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
 
 def fit(distiller: Distiller, train: BatchLoader, val: BatchLoader, selector: SampleSelector, cfg: TrainConfig,
-        callbacks: list[EpochCallback] = (), resume: dict | None = None) -> FitResult:
+        callbacks: list[EpochCallback] = (), resume: dict | None = None,
+        checkpoint: Callable[[dict], None] | None = None) -> FitResult:
+    """Train for ``cfg.epochs``. ``checkpoint`` gets the whole training state after every epoch;
+    passing such a state back as ``resume`` continues after its epoch exactly as if never stopped."""
     student = distiller.student
     probe = next(train.batches())[0]
     distiller.setup(probe)
     optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
-    start_epoch, best_acc, best_epoch, best_state, history = 0, -1.0, -1, None, []
+    start_epoch, best_acc, best_epoch, best_state, history, seconds = 0, -1.0, -1, None, [], 0.0
     if resume is not None:
         student.load_state_dict(resume["student"])
         if distiller.loss is not None:
@@ -94,7 +98,16 @@ def fit(distiller: Distiller, train: BatchLoader, val: BatchLoader, selector: Sa
         optimizer.load_state_dict(resume["optimizer"])
         selector.load_state_dict(resume["selector"])
         start_epoch, best_acc, best_epoch = resume["epoch"] + 1, resume["best_val_acc"], resume["best_epoch"]
-        best_state, history = resume["best_state"], resume["history"]
+        best_state, history, seconds = resume["best_state"], resume["history"], resume["seconds"]
+        set_rng_state(resume["rng"])
+
+    def state(epoch: int) -> dict:
+        return {**to_cpu({
+            "student": student.state_dict(),
+            "loss": distiller.loss.state_dict() if distiller.loss is not None else {},
+            "optimizer": optimizer.state_dict(), "selector": selector.state_dict(), "epoch": epoch,
+            "best_val_acc": best_acc, "best_epoch": best_epoch, "best_state": best_state, "history": history,
+            "seconds": seconds + time.perf_counter() - t0}), "rng": rng_state()}
 
     t0 = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
@@ -106,7 +119,7 @@ def fit(distiller: Distiller, train: BatchLoader, val: BatchLoader, selector: Sa
         distiller.train()
         n_batches = train.num_batches(len(indices))
         total_loss, correct, seen = 0.0, 0, 0
-        bar = tqdm(train.batches(indices, shuffle=True, augment=True), total=n_batches,
+        bar = tqdm(train.batches(indices, shuffle=True, augment=True, epoch=epoch), total=n_batches,
                    desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
         for i, (x, y, idx) in enumerate(bar):
             for group in optimizer.param_groups:
@@ -134,11 +147,9 @@ def fit(distiller: Distiller, train: BatchLoader, val: BatchLoader, selector: Sa
             best_state = copy.deepcopy(student.state_dict())
         for cb in callbacks:
             cb(epoch, metrics)
+        if checkpoint is not None:
+            checkpoint(state(epoch))
         tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: loss {metrics['train_loss']:.4f} "
                    f"train_acc {metrics['train_acc']:.4f} val_acc {val_acc:.4f} ({train_seconds:.0f}s)")
-    last_state = {
-        "student": student.state_dict(), "loss": distiller.loss.state_dict() if distiller.loss is not None else {},
-        "optimizer": optimizer.state_dict(), "selector": selector.state_dict(), "epoch": cfg.epochs - 1,
-        "best_val_acc": best_acc, "best_epoch": best_epoch, "best_state": best_state, "history": history,
-    }
-    return FitResult(best_state, best_epoch, best_acc, last_state, history, time.perf_counter() - t0)
+    last_state = state(cfg.epochs - 1)
+    return FitResult(best_state, best_epoch, best_acc, last_state, history, last_state["seconds"])

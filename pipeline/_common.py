@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 from collections.abc import Callable
 
 import torch
 
+from kdcompress import tracking
 from kdcompress.checkpoint import load_weights, read_checkpoint
 from kdcompress.config import load_params
 from kdcompress.data import BatchLoader, Split
+from kdcompress.resume import ResumePoint, run_key
 from kdcompress.train import resolve_device, seed_everything
 from kdcompress.types import UserError
 from models import create_model
@@ -79,3 +82,15 @@ def load_model(path: str, device: torch.device, data=None) -> torch.nn.Module:
 
 def loader(split: Split, meta: dict, device, batch_size: int, **kw) -> BatchLoader:
     return BatchLoader(split, meta["mean"], meta["std"], device, batch_size, **kw)
+
+
+def resume_point(path: str, stage_name: str, params: dict, sections: tuple[str, ...],
+                 inputs: list[str]) -> tuple[ResumePoint, dict | None]:
+    """The stage's resume file and the state a killed run with the same params ``sections``, input
+    files and code left in it (None: start fresh; the MLflow run of a stale file is marked KILLED)."""
+    used = {k: dataclasses.asdict(params[k]) if dataclasses.is_dataclass(params[k]) else params[k] for k in sections}
+    point = ResumePoint(path, run_key(stage_name, used, inputs))
+    state = point.load()
+    if point.stale_run_id:
+        tracking.mark_killed(point.stale_run_id)
+    return point, state

@@ -12,19 +12,19 @@ from kdcompress import figures, tracking
 from kdcompress.checkpoint import save_checkpoint
 from kdcompress.data import load_prepared
 from kdcompress.distiller import Distiller
-from kdcompress.io import atomic_write, write_csv, write_json
+from kdcompress.io import write_csv, write_json
 from kdcompress.losses import build_loss, check_methods
 from kdcompress.ort_teacher import OrtTeacher, use_ort_teacher
 from kdcompress.selection import build_selector
 from kdcompress.train import fit
 from kdcompress.types import UserError
-from pipeline._common import build_model, load_model, loader, setup, stage
+from pipeline._common import build_model, load_model, loader, resume_point, setup, stage
 
 
 @stage
 def main(argv=None):
     args, params, device = setup(argv, "distill", data="artifacts/data", teacher="artifacts/teacher/teacher.pt",
-                                 out="artifacts/student/student.pt", last="artifacts/student/student_last.pt",
+                                 out="artifacts/student/student.pt", resume="artifacts/resume/distill.pt",
                                  metrics="artifacts/metrics/distill.json", plots="artifacts/plots/distill_history.csv",
                                  rounds="artifacts/plots/selection_rounds.csv")
     cfg, seed = params["distill"], params["base"].seed
@@ -53,14 +53,17 @@ def main(argv=None):
               f"methods.{cfg.method}": params["methods"].get(cfg.method, {})}
     if cfg.sampling == "sakd":
         logged["sakd"] = dataclasses.asdict(params["sakd"])
+    point, resumed = resume_point(args.resume, "distill", params, ("base", "distill", "methods", "sakd"),
+                                  [args.data, args.teacher] if teacher is not None else [args.data])
     tags = {"kdcompress.method": cfg.method, "kdcompress.student": cfg.student, "kdcompress.sampling": cfg.sampling,
             "kdcompress.teacher_runtime": "onnxruntime" if isinstance(teacher, OrtTeacher) else "torch"}
-    with tracking.start_run("student", f"{cfg.student}-{cfg.method}-{cfg.sampling}", tags):
+    with tracking.start_run("student", f"{cfg.student}-{cfg.method}-{cfg.sampling}", tags,
+                            run_id=resumed and resumed["mlflow_run_id"]) as run:
         tracking.log_params(logged)
-        result = fit(distiller, train, val, selector, cfg, callbacks=[tracking.log_epoch])
+        result = fit(distiller, train, val, selector, cfg, callbacks=[tracking.log_epoch], resume=resumed,
+                     checkpoint=lambda state: point.save(state, mlflow_run_id=run.info.run_id))
         save_checkpoint(args.out, cfg.student, len(data.classes), data.input_shape[0], result.best_state,
                         best_epoch=result.best_epoch, val_acc=result.best_val_acc, method=cfg.method)
-        atomic_write(args.last, lambda f: torch.save(result.last_state, f))
         tracking.tag_checkpoint(args.out)
         summary = {"val_acc": result.best_val_acc, "best_epoch": result.best_epoch, "train_seconds": result.seconds,
                    "samples_seen": sum(h["samples"] for h in result.history)}
@@ -73,6 +76,7 @@ def main(argv=None):
     write_json(args.metrics, summary)
     write_csv(args.plots, result.history, columns=["epoch", "train_loss", "train_acc", "val_acc", "lr", "samples",
                                                    "epoch_seconds"])
+    point.clear()
     print(f"student {cfg.student} ({cfg.method}, {cfg.sampling}): val_acc {result.best_val_acc:.4f} "
           f"({result.seconds:.0f}s) -> {args.out}")
 

@@ -15,20 +15,23 @@ from kdcompress.distiller import Distiller
 from kdcompress.io import write_csv, write_json
 from kdcompress.selection import FullData
 from kdcompress.train import fit, predict
-from pipeline._common import build_model, loader, setup, stage
+from pipeline._common import build_model, loader, resume_point, setup, stage
 
 
 @stage
 def main(argv=None):
     args, params, device = setup(argv, "train_teacher", data="artifacts/data", out="artifacts/teacher/teacher.pt",
+                                 resume="artifacts/resume/train_teacher.pt",
                                  metrics="artifacts/metrics/teacher.json", plots="artifacts/plots/teacher_history.csv")
     cfg = params["teacher"]
     data = load_prepared(args.data, splits=("val",) if cfg.checkpoint else ("train", "val"))
     meta = {"classes": data.classes, "input_shape": data.input_shape, "mean": data.mean, "std": data.std}
     model = build_model(cfg.model, len(data.classes), data.input_shape[0])
     val = loader(data.val, meta, device, cfg.eval_batch_size)
-    history = []
-    with tracking.start_run("teacher", f"teacher-{cfg.model}"):
+    history, point, resumed = [], None, None
+    if not cfg.checkpoint:
+        point, resumed = resume_point(args.resume, "train_teacher", params, ("base", "teacher"), [args.data])
+    with tracking.start_run("teacher", f"teacher-{cfg.model}", run_id=resumed and resumed["mlflow_run_id"]) as run:
         tracking.log_params({"teacher": dataclasses.asdict(cfg), "data": dataclasses.asdict(params["data"]),
                              "base": dataclasses.asdict(params["base"])})
         if cfg.checkpoint:
@@ -42,7 +45,8 @@ def main(argv=None):
             train = loader(data.train, meta, device, cfg.batch_size, crop_padding=cfg.crop_padding, hflip=cfg.hflip,
                            seed=params["base"].seed)
             result = fit(Distiller(model, label_smoothing=cfg.label_smoothing), train, val, FullData(len(train)), cfg,
-                         callbacks=[tracking.log_epoch])
+                         callbacks=[tracking.log_epoch], resume=resumed,
+                         checkpoint=lambda state: point.save(state, mlflow_run_id=run.info.run_id))
             state, best_epoch, val_acc, seconds, history = (result.best_state, result.best_epoch,
                                                             result.best_val_acc, result.seconds, result.history)
         save_checkpoint(args.out, cfg.model, len(data.classes), data.input_shape[0], state,
@@ -55,6 +59,8 @@ def main(argv=None):
         tracking.log_figure(curves, "training_curves.png", Path(args.plots).with_suffix(".png"))
     write_json(args.metrics, summary)
     write_csv(args.plots, history, columns=["epoch", "train_loss", "train_acc", "val_acc", "lr", "epoch_seconds"])
+    if point is not None:
+        point.clear()
     print(f"teacher {cfg.model}: val_acc {val_acc:.4f} ({seconds:.0f}s) -> {Path(args.out)}")
 
 

@@ -49,7 +49,7 @@ def test_loader_normalises_and_covers_indices_once():
 def test_batch_augmentation_crops_and_flips_per_sample():
     images = torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4).repeat(64, 1, 1, 1)
     loader = BatchLoader(make_split(64, size=4), [0.0], [1.0], crop_padding=1, hflip=True)
-    out = loader.augment(images.float())
+    out = loader.augment(images.float(), *loader.augmentation(0))
     padded = torch.nn.functional.pad(images.float(), (1, 1, 1, 1))
     candidates = [padded[0, :, dy:dy + 4, dx:dx + 4] for dy in range(3) for dx in range(3)]
     candidates += [c.flip(2) for c in candidates]
@@ -57,3 +57,25 @@ def test_batch_augmentation_crops_and_flips_per_sample():
         assert any(torch.equal(img, c) for c in candidates)
     assert len({tuple(img.flatten().tolist()) for img in out}) > 6  # and they differ across the batch
     assert out.shape == images.shape
+
+
+def test_epoch_order_and_augmentation_are_pure_functions_of_seed_epoch_and_sample():
+    s = make_split(40, size=6)
+    a = BatchLoader(s, [0.5], [0.25], batch_size=8, crop_padding=2, hflip=True, seed=3)
+    b = BatchLoader(s, [0.5], [0.25], batch_size=8, crop_padding=2, hflip=True, seed=3)
+
+    def epoch(loader, e, indices=None):
+        return {int(i): x for xs, _, idx in loader.batches(indices, shuffle=True, augment=True, epoch=e)
+                for i, x in zip(idx, xs)}, [int(i) for _, _, idx in loader.batches(indices, shuffle=True, epoch=e)
+                                             for i in idx]
+
+    list(a.batches(shuffle=True, augment=True, epoch=0))  # consuming epoch 0 first changes nothing
+    (xa, order_a), (xb, order_b) = epoch(a, 2), epoch(b, 2)
+    assert order_a == order_b and all(torch.equal(xa[i], xb[i]) for i in xa)
+    x1, order1 = epoch(a, 1)
+    assert order1 != order_a and any(not torch.equal(x1[i], xa[i]) for i in xa)
+    subset = torch.tensor([3, 7, 11, 30])  # a sample is augmented the same way inside any subset
+    xs, _ = epoch(a, 2, subset)
+    assert all(torch.equal(xs[i], xa[i]) for i in xs)
+    other_seed, _ = epoch(BatchLoader(s, [0.5], [0.25], batch_size=8, crop_padding=2, hflip=True, seed=4), 2)
+    assert any(not torch.equal(other_seed[i], xa[i]) for i in xa)

@@ -25,7 +25,7 @@ to stay cheap on a CPU. Weights: oh 1 and ie 5 from DAFL; bn 1 for the DeepInver
 over layers); adv 0.5 is our choice (0 disables it and saves a student forward/backward).
 
 The generator and its optimizer live in the loss, so they are not exported; the generator's
-weights are in the loss state_dict (the Adam moments are not and restart on resume). The
+weights and its Adam moments are in the loss state_dict, so a resumed run continues exactly. The
 generator's parameters are in ``loss.parameters()`` but never carry a gradient when the main
 optimizer steps (it is stepped here and its grads cleared), so that optimizer leaves them alone.
 Validation still uses the real validation split. Use with ``sampling: full``: SAKD's per-sample
@@ -128,6 +128,13 @@ class DataFree(TemperatureScheduled, DistillLoss):
             like = teacher_out.logits
             self.generator = Generator(self.z_dim, self.gen_width, c, h, w).to(device=like.device, dtype=like.dtype)
         self._gen_opt = torch.optim.Adam(self.generator.parameters(), lr=self.gen_lr, betas=(0.5, 0.999))
+
+    def get_extra_state(self) -> dict:
+        return {"generator_optimizer": None if self._gen_opt is None else self._gen_opt.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        if state["generator_optimizer"] is not None:
+            self._gen_opt.load_state_dict(state["generator_optimizer"])
 
     def _generator_step(self, batch: int, device: torch.device) -> tuple[torch.Tensor, ModelOutput]:
         teacher, student = self._models["teacher"], self._models["student"]
