@@ -13,6 +13,12 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2
   fi
 fi
 
+# The raw data lives in data/ (a dependency of the prepare stage): link the Debian files there.
+if [ -d /usr/share/datasets/fashion-mnist ] && [ ! -e data/fashion_mnist ]; then
+  mkdir -p data/fashion_mnist
+  ln -s /usr/share/datasets/fashion-mnist/*-ubyte.gz data/fashion_mnist/
+fi
+
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip

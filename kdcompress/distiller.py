@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcompress.losses.base import DistillLoss
 from kdcompress.types import StepOutput
+
+if TYPE_CHECKING:
+    from kdcompress.losses.base import DistillLoss
 
 
 class Distiller(nn.Module):
     """Student + frozen teacher + distillation loss.
 
     Per-sample loss: ``ce_weight * CE_i + kd_weight * KD_i`` (None: the loss's
-    ``default_weights``), or, when the sample selector hands
-    per-sample weights ``alpha``, ``(1 - alpha_i) * CE_i + alpha_i * KD_i`` (batch-level losses
-    use the batch mean of alpha). With ``loss=None`` it is plain cross-entropy: the teacher's own
-    training and the ``ce`` baseline.
+    ``default_weights``). When the sample selector hands per-sample distillation strengths
+    ``alpha`` (SAKD), it is ``2 * [(1 - alpha_i) * ce_weight * CE_i + alpha_i * kd_weight * KD_i]``,
+    as in the SAKD authors' code: ``alpha = 0.5`` is exactly the base method, and batch-level
+    losses use the batch mean of alpha for their KD term. With ``loss=None`` it is plain
+    cross-entropy: the teacher's own training and the ``ce`` baseline.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, loss: DistillLoss | None = None,
@@ -59,7 +64,7 @@ class Distiller(nn.Module):
         self.loss.setup(self.student.extract(x), self.loss.teacher_forward(self.teacher, x))
         self.student.train(was_training)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, kd_weight: torch.Tensor | None = None) -> StepOutput:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor | None = None) -> StepOutput:
         if self.loss is not None:
             x, y = self.loss.prepare_batch(x, y)
         s = self.student.extract(x)
@@ -68,11 +73,11 @@ class Distiller(nn.Module):
             per_sample = ce
         else:
             kd = self.loss(s, self.loss.teacher_forward(self.teacher, x), y)
-            if kd_weight is None:
+            if alpha is None:
                 per_sample = self.ce_weight * ce + self.kd_weight * kd
             else:
-                alpha = kd_weight.mean() if self.loss.batch_level else kd_weight
-                per_sample = (1 - kd_weight) * ce + alpha * kd
+                kd_alpha = alpha.mean() if self.loss.batch_level else alpha
+                per_sample = 2 * ((1 - alpha) * self.ce_weight * ce + kd_alpha * self.kd_weight * kd)
         return StepOutput(loss=per_sample.mean(), logits=s.logits.detach(), per_sample=per_sample.detach(),
                           target=y)
 

@@ -9,39 +9,23 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from kdcompress.config import TrainConfig
-from kdcompress.data import BatchLoader
-from kdcompress.distiller import Distiller
 from kdcompress.resume import rng_state, set_rng_state, to_cpu
-from kdcompress.selection.base import SampleSelector
-from kdcompress.types import UserError
+
+if TYPE_CHECKING:
+    from kdcompress.config import TrainConfig
+    from kdcompress.data import BatchLoader
+    from kdcompress.distiller import Distiller
+    from kdcompress.selection.base import SampleSelector
 
 EpochCallback = Callable[[int, dict], None]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("base.device: 'cuda' asked for but no CUDA device is available; allowed here: auto, cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int, num_threads: int = 0) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if num_threads:
-        torch.set_num_threads(num_threads)
 
 
 def lr_at(cfg: TrainConfig, progress: float) -> float:

@@ -15,7 +15,7 @@ from kdcompress.checkpoint import load_weights, read_checkpoint
 from kdcompress.config import load_params
 from kdcompress.data import BatchLoader, Split
 from kdcompress.resume import ResumePoint, run_key
-from kdcompress.train import resolve_device, seed_everything
+from kdcompress.runtime import resolve_device, seed_everything
 from kdcompress.types import UserError
 from models import create_model
 

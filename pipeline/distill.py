@@ -15,7 +15,7 @@ from kdcompress.distiller import Distiller
 from kdcompress.io import write_csv, write_json
 from kdcompress.losses import build_loss, check_methods
 from kdcompress.ort_teacher import OrtTeacher, use_ort_teacher
-from kdcompress.selection import build_selector
+from kdcompress.selection.build import build_selector
 from kdcompress.train import fit
 from kdcompress.types import UserError
 from pipeline._common import build_model, load_model, loader, resume_point, setup, stage
@@ -33,6 +33,9 @@ def main(argv=None):
     if cfg.sampling != "full" and (loss is None or not loss.selects_samples):
         raise UserError(f"distill.sampling: {cfg.sampling!r} needs a method that distils on the real samples; "
                         f"method {cfg.method!r} allows: full")
+    if loss is None and (cfg.ce_weight is not None or cfg.kd_weight is not None):
+        raise UserError("distill.ce_weight / distill.kd_weight: method 'ce' trains on cross-entropy alone; "
+                        "allowed: null (or pick a distillation method)")
     ort_teacher = use_ort_teacher(cfg.teacher_runtime, loss, device)
     data = load_prepared(args.data, splits=("train", "val"))
     meta = {"classes": data.classes, "input_shape": data.input_shape, "mean": data.mean, "std": data.std}

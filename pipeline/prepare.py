@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from kdcompress.data import Prepared, Split, channel_stats, save_prepared, split_train_val
 from kdcompress.datasets import load_source
 from pipeline._common import setup, stage
@@ -16,6 +18,8 @@ def main(argv=None):
     mean, std = channel_stats(train.images)
     data = Prepared(train, val, Split(raw.test_images, raw.test_labels), raw.classes, mean, std, raw.source)
     save_prepared(data, args.out)
+    if not os.path.abspath(raw.source).startswith(os.path.abspath("data") + os.sep):
+        print(f"note: read {raw.source}, which is outside data/: `dvc repro` will not notice when it changes")
     print(f"prepared {cfg.dataset} from {raw.source}: train {len(train)}, val {len(val)}, test {len(data.test)}, "
           f"shape {data.input_shape}")
 

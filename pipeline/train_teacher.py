@@ -4,6 +4,7 @@ user's own weights from ``teacher.checkpoint``."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import torch
@@ -35,6 +36,9 @@ def main(argv=None):
         tracking.log_params({"teacher": dataclasses.asdict(cfg), "data": dataclasses.asdict(params["data"]),
                              "base": dataclasses.asdict(params["base"])})
         if cfg.checkpoint:
+            if not os.path.abspath(cfg.checkpoint).startswith(os.path.abspath("weights") + os.sep):
+                print(f"note: teacher.checkpoint {cfg.checkpoint} is outside weights/: `dvc repro` will not notice "
+                      "when it changes")
             load_weights(model, read_checkpoint(cfg.checkpoint)["state_dict"], cfg.checkpoint)
             model.to(device, memory_format=torch.channels_last)
             logits, labels = predict(model, val)

@@ -26,14 +26,14 @@ def run(cmd: list[str], cwd: Path, env: dict) -> str:
 def test_dvc_repro_noop_metrics_and_experiment(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", "pipeline", "kdcompress", "models"):
+    for name in ("dvc.yaml", ".dvcignore", "pipeline", "kdcompress", "models", "weights"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
     for cache in repo.rglob("__pycache__"):
         shutil.rmtree(cache)
-    write_fashion_idx(repo / "raw")
-    write_params(repo)
-    (repo / ".gitignore").write_text("/raw/\nmlflow.db\nmlartifacts/\n__pycache__/\n")
+    write_fashion_idx(repo / "data")
+    write_params(repo, data={"dataset": "fashion_mnist", "root": "data", "val_fraction": 0.2, "download": False})
+    (repo / ".gitignore").write_text("/data/\nmlflow.db\nmlartifacts/\n__pycache__/\n")
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "PYTHONPATH": str(repo),
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
@@ -54,6 +54,18 @@ def test_dvc_repro_noop_metrics_and_experiment(tmp_path):
 
     again = run(dvc + ["repro"], repo, env)
     assert "Running stage" not in again and "didn't change" in again
+
+    # a change to code or raw data reruns exactly the stages that import or read it
+    with open(repo / "kdcompress/metrics.py", "a") as f:
+        f.write("# touched\n")
+    status = run(dvc + ["status"], repo, env)
+    assert "evaluate:" in status and "train_teacher:" not in status and "distill:" not in status
+    raw = next((repo / "data").iterdir())
+    raw.write_bytes(raw.read_bytes() + b"\0")
+    assert "prepare:" in run(dvc + ["status"], repo, env)
+    run(["git", "checkout", "kdcompress/metrics.py"], repo, env)
+    raw.write_bytes(raw.read_bytes()[:-1])
+    assert "up to date" in run(dvc + ["status"], repo, env)
 
     metrics = run(dvc + ["metrics", "show"], repo, env)
     assert "student.top1" in metrics and "ratios.teacher_over_student_ort_p50" in metrics

@@ -392,3 +392,23 @@ def test_step_reports_the_labels_it_trained_on(name):
     # and train_acc must be measured against those
     assert torch.equal(out.target, prepared[0][1])
     assert torch.equal(out.target, y) == (name == "kd")
+
+
+# ---------------------------------------------------------------- SAKD's per-sample strength alpha
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS if build_loss(m).selects_samples])
+def test_alpha_one_half_is_exactly_the_base_method(name):
+    """SAKD's loss 2[(1 - a) w_ce CE + a w_kd KD] with a = 0.5 equals w_ce CE + w_kd KD bit for bit."""
+    x, y = batch(8)
+    d = make_distiller(name, ce_weight=0.3, kd_weight=0.7)
+    d.setup(x)
+    d.eval()  # no dropout-like randomness between the two calls
+    base = d(x, y).per_sample
+    half = d(x, y, torch.full((8,), 0.5)).per_sample
+    assert torch.equal(base, half)
+    ce = F.cross_entropy(d.student(x), y, reduction="none")
+    kd = (base - 0.3 * ce) / 0.7
+    a = torch.linspace(0, 1, 8)  # other alphas shift weight between the two terms as the formula says
+    kd_a = a.mean() if d.loss.batch_level else a
+    assert torch.allclose(d(x, y, a).per_sample, 2 * ((1 - a) * 0.3 * ce + kd_a * 0.7 * kd), atol=1e-5, rtol=1e-4)

@@ -187,7 +187,9 @@ def test_teacher_checkpoint_from_user(project, tmp_path):
     ("distill", {"student": "bignet"}, "unknown model 'bignet'; allowed:"),
     ("distill", {"typo_key": 1}, "distill.typo_key: unknown key; allowed:"),
     ("distill", {"ce_weight": -1}, "distill.ce_weight: -1.0 is out of range; allowed: >= 0.0"),
+    ("distill", {"method": "ce", "ce_weight": 0.5}, "distill.ce_weight / distill.kd_weight: method 'ce' trains on"),
     ("methods", {"at": {"spots": ["stage1"]}}, "methods.at.spots: expected str, got list"),
+    ("methods", {"dkd": {"beta": -1.0}}, "methods.dkd.beta: -1.0 is out of range"),  # not the chosen method
     ("methods", {"kdd": {}}, "methods.kdd: unknown method; allowed:"),
     ("methods", {"kd": {"temprature": 2}}, "methods.kd.temprature: unknown key; allowed: "),
     ("methods", {"kd": {"temperature": "hot"}}, "methods.kd.temperature: expected float"),
@@ -199,6 +201,19 @@ def test_bad_params_fail_in_one_line_and_write_nothing(project, capsys, section,
     assert distill.main([]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not (project / "artifacts/student").exists()
+
+
+def test_a_patch_shuffle_that_would_change_nothing_is_refused(project, capsys):
+    write_params(project, teacher={**TINY["teacher"], "model": "tinycnn"})
+    assert prepare.main([]) == 0 and train_teacher.main([]) == 0
+    capsys.readouterr()  # 16x16 images: patches of 9 leave a 1x1 grid
+    write_params(project, teacher={**TINY["teacher"], "model": "tinycnn"}, distill={**TINY["distill"], "sampling": "sakd"},
+                 sakd={"shuffle": "patch", "patch_size": 9})
+    assert distill.main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: sakd.patch_size: 9 leaves a single patch on 16x16 images, so the shuffle would change "
+                   "nothing; allowed: 1..8")
     assert not (project / "artifacts/student").exists()
 
 

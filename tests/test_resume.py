@@ -21,8 +21,10 @@ from kdcompress.distiller import Distiller
 from kdcompress.io import atomic_write
 from kdcompress.losses import LOSSES, build_loss
 from kdcompress.resume import ResumePoint, rng_state, run_key, set_rng_state
-from kdcompress.selection import FullData, SAKDSelector
-from kdcompress.train import fit, seed_everything
+from kdcompress.selection import FullData
+from kdcompress.selection.sakd import SAKDSelector
+from kdcompress.runtime import seed_everything
+from kdcompress.train import fit
 
 METHODS = sorted(LOSSES)
 
@@ -36,7 +38,7 @@ def make_run(name: str, train, sakd: bool):
     loss = build_loss(name)
     teacher = FakeNet(width=8) if loss is not None and loss.needs_teacher or sakd else None
     distiller = Distiller(FakeNet(num_classes=4, in_channels=1, width=4), teacher, loss)
-    selector = (SAKDSelector(SAKDConfig(ratio=0.5, interval=2), distiller, train, epochs=3, seed=0) if sakd
+    selector = (SAKDSelector(SAKDConfig(ratio=0.5, interval=2, patch_size=4), distiller, train, epochs=3, seed=0) if sakd
                 else FullData(len(train)))
     return distiller, selector
 

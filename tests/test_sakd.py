@@ -11,7 +11,9 @@ import torch
 from kdcompress.config import SAKDConfig, TrainConfig
 from kdcompress.distiller import Distiller
 from kdcompress.losses.kd import KD, kl_per_sample
-from kdcompress.selection import FullData, SAKDSelector, build_selector
+from kdcompress.selection import FullData
+from kdcompress.selection.build import build_selector
+from kdcompress.selection.sakd import SAKDSelector
 from kdcompress.selection.sakd import beta_schedule, spatial_dropout, spatial_shuffle
 from kdcompress.train import fit
 from kdcompress.types import UserError
@@ -22,7 +24,7 @@ def make_selector(loader, epochs=4, seed=0, models=None, **cfg):
     torch.manual_seed(0)
     student, teacher = models if models is not None else (FakeNet(), FakeNet(width=8))
     distiller = Distiller(student, teacher, KD(4.0), ce_weight=0.1, kd_weight=0.9)
-    base = {"ratio": 0.5, "interval": 1, "gamma": 0.5}
+    base = {"ratio": 0.5, "interval": 1, "gamma": 0.5, "patch_size": 4}
     return SAKDSelector(SAKDConfig(**{**base, **cfg}), distiller, loader, epochs=epochs, temperature=4.0, seed=seed)
 
 
@@ -171,7 +173,7 @@ def test_fit_trains_only_on_the_selection(tiny_loaders):
     torch.manual_seed(0)
     teacher, student = FakeNet(width=8), FakeNet()
     distiller = Distiller(student, teacher, KD(4.0), ce_weight=0.1, kd_weight=0.9)
-    sel = SAKDSelector(SAKDConfig(ratio=0.5, interval=1), distiller, train, epochs=3, temperature=4.0, seed=0)
+    sel = SAKDSelector(SAKDConfig(ratio=0.5, interval=1, patch_size=4), distiller, train, epochs=3, temperature=4.0, seed=0)
     seen: list[tuple[set, set]] = []
     observe = sel.observe
 
@@ -195,7 +197,7 @@ def test_build_selector(tiny_loaders):
     train, _ = tiny_loaders
     distiller = Distiller(FakeNet(), FakeNet(), KD(2.5))
     assert isinstance(build_selector("full", SAKDConfig(), distiller, train, epochs=3), FullData)
-    sel = build_selector("sakd", SAKDConfig(ratio=0.25), distiller, train, epochs=3, seed=1)
+    sel = build_selector("sakd", SAKDConfig(ratio=0.25, patch_size=4), distiller, train, epochs=3, seed=1)
     assert isinstance(sel, SAKDSelector) and sel.temperature == 2.5 and sel.k == 16
     with pytest.raises(UserError, match="sampling"):
         build_selector("some", SAKDConfig(), distiller, train, epochs=3)

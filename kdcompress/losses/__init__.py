@@ -68,12 +68,13 @@ def check_method_params(name: str, params: dict | None) -> dict:
 
 
 def check_methods(blocks: dict) -> None:
-    """Validate every ``methods.<name>`` block of params.yaml, not only the chosen method's, so a
-    typo in any block fails now rather than in a later experiment."""
+    """Validate every ``methods.<name>`` block of params.yaml, not only the chosen method's: keys,
+    types and ranges (by building the method), so a mistake in any block fails now rather than in
+    a later experiment."""
     for name, block in blocks.items():
         if name not in LOSSES:
             raise UserError(f"methods.{name}: unknown method; allowed: {', '.join(sorted(LOSSES))}")
-        check_method_params(name, block)
+        build_loss(name, block)
 
 
 def build_loss(name: str, params: dict | None = None) -> DistillLoss | None:

@@ -21,7 +21,7 @@ Every ``interval`` epochs (0-based epochs ``n`` with ``n % interval == 0``) one 
 7. ``omega += 1`` for the selected samples.
 
 Between rounds ``select`` returns the same subset; ``weights(index)`` returns ``alpha[index]``, which
-the Distiller uses as ``(1 - alpha_i) CE_i + alpha_i KD_i``.
+the Distiller uses as ``2 [(1 - alpha_i) w_ce CE_i + alpha_i w_kd KD_i]`` with the method's weights.
 """
 
 from __future__ import annotations
@@ -117,6 +117,11 @@ class SAKDSelector(SampleSelector):
         if batch_size is not None and batch_size != loader.batch_size:  # same tensors, own batch size
             loader = BatchLoader(Split(loader.images, loader.labels), loader.mean.flatten().tolist(),
                                  loader.std.flatten().tolist(), loader.device, batch_size=batch_size)
+        h, w = loader.images.shape[-2:]
+        if cfg.shuffle == "patch" and (h // cfg.patch_size) * (w // cfg.patch_size) < 2:
+            largest = max(p for p in range(1, max(h, w) + 1) if (h // p) * (w // p) >= 2)
+            raise UserError(f"sakd.patch_size: {cfg.patch_size} leaves a single patch on {h}x{w} images, so the "
+                            f"shuffle would change nothing; allowed: 1..{largest}")
         self.loader = loader
         self.device = loader.device
         self.num_samples = len(loader)
