@@ -114,6 +114,7 @@ class DistillConfig(TrainConfig):
     kd_weight: float | None = _opt(None, lo=0.0)
     # auto: onnxruntime on CPU for methods that run the teacher forward only, else torch
     teacher_runtime: str = _opt("auto", choices=("auto", "torch", "onnxruntime"))
+    teacher_cache: bool = True  # reuse stored teacher logits/embeddings across runs (kdcompress.teacher_cache)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from kdcompress.types import StepOutput
 
 if TYPE_CHECKING:
     from kdcompress.losses.base import DistillLoss
+    from kdcompress.teacher_cache import TeacherCache
 
 
 class Distiller(nn.Module):
@@ -35,6 +36,7 @@ class Distiller(nn.Module):
         self.ce_weight = defaults[0] if ce_weight is None or loss is None else ce_weight
         self.kd_weight = defaults[1] if kd_weight is None else kd_weight
         self.label_smoothing = label_smoothing
+        self.cache: TeacherCache | None = None  # stored teacher outputs, used when forward() gets the indices
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
@@ -64,7 +66,29 @@ class Distiller(nn.Module):
         self.loss.setup(self.student.extract(x), self.loss.teacher_forward(self.teacher, x))
         self.student.train(was_training)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor | None = None) -> StepOutput:
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        if self.loss is not None:
+            self.loss.on_epoch_start(epoch, epochs)
+        if self.cache is not None:
+            self.cache.begin_epoch(epoch)
+
+    def on_epoch_end(self) -> None:
+        if self.cache is not None:
+            self.cache.end_epoch()
+
+    def teacher_output(self, x: torch.Tensor, index: torch.Tensor | None):
+        """The teacher's output on batch ``x`` (dataset indices ``index``): from the cache when it
+        holds them, else from the loss's ``teacher_forward`` (and then stored)."""
+        if self.cache is None or index is None:
+            return self.loss.teacher_forward(self.teacher, x)
+        out = self.cache.lookup(index)
+        if out is None:
+            out = self.loss.teacher_forward(self.teacher, x)
+            self.cache.store(index, out)
+        return out
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor | None = None,
+                index: torch.Tensor | None = None) -> StepOutput:
         if self.loss is not None:
             x, y = self.loss.prepare_batch(x, y)
         s = self.student.extract(x)
@@ -72,7 +96,7 @@ class Distiller(nn.Module):
         if self.loss is None:
             per_sample = ce
         else:
-            kd = self.loss(s, self.loss.teacher_forward(self.teacher, x), y)
+            kd = self.loss(s, self.teacher_output(x, index), y)
             if alpha is None:
                 per_sample = self.ce_weight * ce + self.kd_weight * kd
             else:

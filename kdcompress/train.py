@@ -98,8 +98,7 @@ def fit(distiller: Distiller, train: BatchLoader, val: BatchLoader, selector: Sa
         t_epoch = time.perf_counter()
         rounds_before = len(selector.history)
         indices = selector.select(epoch)
-        if distiller.loss is not None:
-            distiller.loss.on_epoch_start(epoch, cfg.epochs)
+        distiller.on_epoch_start(epoch, cfg.epochs)
         distiller.train()
         n_batches = train.num_batches(len(indices))
         total_loss, correct, seen = 0.0, 0, 0
@@ -108,7 +107,7 @@ def fit(distiller: Distiller, train: BatchLoader, val: BatchLoader, selector: Sa
         for i, (x, y, idx) in enumerate(bar):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(cfg, (epoch + i / n_batches) / cfg.epochs)
-            out = distiller(x, y, selector.weights(idx))
+            out = distiller(x, y, selector.weights(idx), idx)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             optimizer.step()
@@ -117,6 +116,7 @@ def fit(distiller: Distiller, train: BatchLoader, val: BatchLoader, selector: Sa
             total_loss += out.loss.item() * len(y)
             correct += (out.logits.argmax(1) == out.target).sum().item()  # data_free trains on teacher labels
             seen += len(y)
+        distiller.on_epoch_end()
         train_seconds = time.perf_counter() - t_epoch
         val_logits, val_labels = predict(student, val, desc="val")
         val_acc = (val_logits.argmax(1) == val_labels).float().mean().item()

@@ -16,6 +16,7 @@ from kdcompress.io import write_csv, write_json
 from kdcompress.losses import build_loss, check_methods
 from kdcompress.ort_teacher import OrtTeacher, use_ort_teacher
 from kdcompress.selection.build import build_selector
+from kdcompress.teacher_cache import TeacherCache, cache_key, cache_root
 from kdcompress.train import fit
 from kdcompress.types import UserError
 from pipeline._common import build_model, load_model, loader, resume_point, setup, stage
@@ -47,6 +48,13 @@ def main(argv=None):
         if ort_teacher:
             teacher = OrtTeacher(teacher, data.input_shape)
     distiller = Distiller(student, teacher, loss, cfg.ce_weight, cfg.kd_weight, cfg.label_smoothing)
+    runtime = f"{'onnxruntime' if isinstance(teacher, OrtTeacher) else 'torch'}-{device.type}"
+    parts = loss.teacher_parts() if teacher is not None else None
+    if cfg.teacher_cache and TeacherCache.usable(parts):
+        key = cache_key(teacher=tracking.file_sha(args.teacher), data=tracking.file_sha(Path(args.data) / "train.pt"),
+                        seed=seed, crop_padding=cfg.crop_padding, hflip=cfg.hflip, runtime=runtime)
+        distiller.cache = TeacherCache(cache_root(), key, len(data.train), parts)
+        print(f"teacher cache {key}: {distiller.cache.cached_epochs()} epochs stored in {cache_root()}")
     train = loader(data.train, meta, device, cfg.batch_size, crop_padding=cfg.crop_padding, hflip=cfg.hflip, seed=seed)
     val = loader(data.val, meta, device, cfg.eval_batch_size)
     # SAKD's difficulty pass batches like training: measured 1.4x faster than batch 1024 on 2 CPU cores
@@ -59,7 +67,7 @@ def main(argv=None):
     point, resumed = resume_point(args.resume, "distill", params, ("base", "distill", "methods", "sakd"),
                                   [args.data, args.teacher] if teacher is not None else [args.data])
     tags = {"kdcompress.method": cfg.method, "kdcompress.student": cfg.student, "kdcompress.sampling": cfg.sampling,
-            "kdcompress.teacher_runtime": "onnxruntime" if isinstance(teacher, OrtTeacher) else "torch"}
+            "kdcompress.teacher_runtime": runtime.split("-")[0]}
     with tracking.start_run("student", f"{cfg.student}-{cfg.method}-{cfg.sampling}", tags,
                             run_id=resumed and resumed["mlflow_run_id"]) as run:
         tracking.log_params(logged)
@@ -70,6 +78,10 @@ def main(argv=None):
         tracking.tag_checkpoint(args.out)
         summary = {"val_acc": result.best_val_acc, "best_epoch": result.best_epoch, "train_seconds": result.seconds,
                    "samples_seen": sum(h["samples"] for h in result.history)}
+        if distiller.cache is not None:
+            print(distiller.cache.summary())
+            summary["teacher_cache_hit_fraction"] = distiller.cache.hits / max(1, distiller.cache.hits
+                                                                                + distiller.cache.misses)
         tracking.log_metrics(summary)
         curves = figures.training_curves(result.history, f"{cfg.student} student ({cfg.method}, {cfg.sampling})")
         tracking.log_figure(curves, "training_curves.png", Path(args.plots).with_suffix(".png"))

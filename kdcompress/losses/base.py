@@ -31,6 +31,15 @@ class DistillLoss(nn.Module):
     # 0.1 CE + 0.9 KD blend for logit methods; feature methods use CE + their own weighted term.
     default_weights: tuple[float, float] = (0.1, 0.9)
 
+    def teacher_parts(self) -> frozenset[str] | None:
+        """What ``forward`` reads of the frozen teacher's output: ``logits``, ``embedding`` or stage
+        names (feature methods keep theirs in ``self.spots`` or ``self.spot``); None when the method
+        has no frozen teacher to read (peers, a generator that back-propagates through it)."""
+        if not self.needs_teacher or self.needs_teacher_grad:
+            return None
+        spots = getattr(self, "spots", None) or ((self.spot,) if getattr(self, "spot", None) else ())
+        return frozenset(spots) if spots else frozenset({"logits"})
+
     def attach(self, student: nn.Module, teacher: nn.Module | None) -> None:
         """Called once by the Distiller: methods that own extra models (a peer student, an EMA
         copy, hooks on the teacher) build them here. Keep no reference to the teacher's grads."""
