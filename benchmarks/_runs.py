@@ -6,12 +6,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import multiprocessing
+import os
 import statistics
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import yaml
 
-from kdcompress.io import atomic_write
+from kdcompress.io import atomic_write, write_json
 from kdcompress.tracking import file_sha
 from pipeline import benchmark, distill, evaluate, export, quantize
 from pipeline import ship as ship_stage
@@ -102,14 +105,41 @@ def run_student(name: str, out_root: Path, overrides: dict, params_path: str = "
     epochs = params["distill"]["epochs"]
     rounds = list(csv.DictReader((folder / "rounds.csv").open()))
     round_seconds = [float(r["round_seconds"]) for r in rounds if r.get("round_seconds")]
+    detail = ("epoch", "alpha_selected_mean", "alpha_mean", "teacher_seconds", "student_seconds", "dpp_seconds",
+              "round_seconds")
     result = {**test, "train_seconds": fit["train_seconds"], "epoch_seconds": fit["train_seconds"] / epochs,
               "samples_seen": fit["samples_seen"], "rounds": len(round_seconds),
-              "round_seconds": statistics.fmean(round_seconds) if round_seconds else 0.0}
+              "round_seconds": statistics.fmean(round_seconds) if round_seconds else 0.0,
+              "round_detail": [{k: float(r[k]) for k in detail if r.get(k)} for r in rounds if r.get("round_seconds")]}
     if ship:
         result["ship"] = json.loads((folder / "summary.json").read_text())
         result["quantize"] = json.loads((folder / "quantize.json").read_text())
         result["benchmark"] = json.loads((folder / "benchmark.json").read_text())
     return result
+
+
+def run_all(tasks: dict[str, tuple[str, dict]], out_root: Path, jobs: int, teacher: str | Path, extra: dict,
+            results: dict, results_path: Path, after=None) -> None:
+    """Run ``tasks`` (results key -> (run name, overrides)) with ``jobs`` students side by side (each
+    with cores/jobs threads, in spawned processes); each finished run goes into ``results`` with
+    ``extra`` and ``jobs`` and is written to ``results_path`` at once, then ``after()`` runs (a table).
+    A failed run is reported at the end and not recorded, so a rerun retries it."""
+    threads = {"base.num_threads": max(1, (os.cpu_count() or 1) // jobs)} if jobs > 1 else {}
+    failed = []
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        running = {pool.submit(run_student, name, out_root, {**overrides, **threads}, teacher=teacher): key
+                   for key, (name, overrides) in tasks.items()}
+        for done in as_completed(running):
+            try:
+                results[running[done]] = {**done.result(), **extra, "jobs": jobs}
+            except (Exception, SystemExit) as err:  # keep going; a rerun retries what failed
+                failed.append(f"{running[done]}: {err}")
+                continue
+            write_json(results_path, results)  # only this process writes them
+            if after is not None:
+                after()
+    if failed:
+        raise SystemExit("failed runs (not recorded): " + "; ".join(failed))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

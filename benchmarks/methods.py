@@ -16,14 +16,11 @@ sharing the machine; compare them within one table).
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 
-from benchmarks._runs import mean_std, pin_teacher, read_sweep, run_student, sweep_arguments
-from kdcompress.io import atomic_write, write_json
+from benchmarks._runs import mean_std, pin_teacher, read_sweep, run_all, sweep_arguments
+from kdcompress.io import atomic_write
 from kdcompress.leaderboard import RANKED
 from kdcompress.losses import LOSSES
 from kdcompress.metrics import rank_table
@@ -41,25 +38,13 @@ def main(argv=None):
     out = Path(args.out)
     teacher, teacher_sha = pin_teacher(results, results_path)
     todo = plan(results, args.methods, args.seeds)
-    if args.jobs > 1:
-        overrides["base.num_threads"] = max(1, (os.cpu_count() or 1) // args.jobs)
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        running = {pool.submit(run_student, f"methods/{m}_seed{s}", out / "runs",
-                               {**overrides, "distill.method": m, "base.seed": s}, teacher=teacher): f"{m}/seed{s}"
-                   for m, s in todo}
-        failed = []
-        for done in as_completed(running):
-            try:
-                results[running[done]] = {**done.result(), "jobs": args.jobs, "teacher_sha": teacher_sha}
-            except (Exception, SystemExit) as err:  # keep going; a rerun retries what failed
-                failed.append(f"{running[done]}: {err}")
-                continue
-            write_json(results_path, results)  # only this process writes them
-            atomic_write(out / "methods.md", table(results, args.methods), text=True)
-    print(table(results, args.methods))
-    if failed:
-        raise SystemExit("failed runs (not recorded): " + "; ".join(failed))
-
+    tasks = {f"{m}/seed{s}": (f"methods/{m}_seed{s}", {**overrides, "distill.method": m, "base.seed": s})
+             for m, s in todo}
+    try:
+        run_all(tasks, out / "runs", args.jobs, teacher, {"teacher_sha": teacher_sha}, results, results_path,
+                after=lambda: atomic_write(out / "methods.md", table(results, args.methods), text=True))
+    finally:
+        print(table(results, args.methods))
 
 def plan(results: dict, methods: list[str], seeds: list[int]) -> list[tuple[str, int]]:
     """The (method, seed) runs still to do, seed-major, so that a partial benchmark covers every method once;

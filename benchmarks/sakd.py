@@ -1,11 +1,14 @@
-"""Full-data KD vs SAKD(r=0.5, I=5)+KD vs SAKD(r=0.5, I=1)+KD, side by side, >= 3 seeds.
+"""Full-data KD vs SAKD(r=0.5)+KD variants, side by side, >= 3 seeds, on the method benchmark's
+pinned teacher, without the teacher cache (every run pays its teacher forwards: a fair wall time).
 
-    python -m benchmarks.sakd [--seeds 0 1 2] [--method kd] [-S distill.epochs=10]
+    python -m benchmarks.sakd [--seeds 0 1 2] [--method kd] [--jobs 2] [-S distill.epochs=10]
 
-Needs `dvc repro` first (prepared data + teacher). Prints and writes
-benchmarks/results/sakd_<method>.{json,md}: test accuracy (mean ± std), ECE, total distill wall
-time and its ratio to full-data KD, and the selection round's time as a fraction of one
-full-data epoch. Wall time counts the difficulty passes and the DPP selections.
+Configs: I=5 and I=1 (rounds every 5 epochs / every epoch), I=5 with the difficulty pass on the
+teacher's int8 twin, I=5 with beta instead of beta_raw as the rate of the alpha update. Needs
+`dvc repro prepare` first. Prints and writes benchmarks/results/sakd_<method>.{json,md}: test
+accuracy (mean ± std), ECE, distill wall time and its ratio to full-data KD, the selection round's
+time as a fraction of one full-data epoch and its split (teacher, student, DPP), and the mean alpha
+of the selected samples per round. Wall time counts the difficulty passes and the DPP selections.
 """
 
 from __future__ import annotations
@@ -14,38 +17,42 @@ import argparse
 from pathlib import Path
 
 
-from benchmarks._runs import mean_std, read_sweep, run_student
-from kdcompress.io import atomic_write, write_json
+from benchmarks._runs import mean_std, pin_teacher, read_sweep, run_all, sweep_arguments
+from kdcompress.io import atomic_write
 
+SAKD = {"distill.sampling": "sakd", "sakd.ratio": 0.5, "sakd.interval": 5}
 CONFIGS = {
     "full": {"distill.sampling": "full"},
-    "sakd_r0.5_I5": {"distill.sampling": "sakd", "sakd.ratio": 0.5, "sakd.interval": 5},
-    "sakd_r0.5_I1": {"distill.sampling": "sakd", "sakd.ratio": 0.5, "sakd.interval": 1},
+    "sakd_r0.5_I5": SAKD,
+    "sakd_r0.5_I5_int8pass": {**SAKD, "sakd.pass_teacher": "int8"},
+    "sakd_r0.5_I5_rate_beta": {**SAKD, "sakd.alpha_rate": "beta"},
+    "sakd_r0.5_I1": {**SAKD, "sakd.interval": 1},
 }
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--method", default="kd")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    p.add_argument("-S", dest="overrides", action="append", default=[], help="key=value, as for dvc exp run -S")
-    p.add_argument("--out", default="benchmarks/results")
+    sweep_arguments(p, seeds=[0, 1, 2])
     args = p.parse_args(argv)
     overrides, results_path, results = read_sweep(args, f"sakd_{args.method}")
     overrides.setdefault("distill.student", "tinycnn")  # the student of the committed tables
+    overrides["distill.teacher_cache"] = False  # every run pays for its own teacher forwards
     out = Path(args.out)
-    for seed in args.seeds:  # seed-major, so a cut-short run still compares configs on the same seeds
-        for config in args.configs:
-            key = f"{config}/seed{seed}"
-            if key not in results:
-                results[key] = run_student(f"sakd_{args.method}/{config}_seed{seed}", out / "runs",
-                                           {**overrides, **CONFIGS[config], "distill.method": args.method,
-                                            "base.seed": seed})
-                write_json(results_path, results)
-    atomic_write(out / f"sakd_{args.method}.md", table(results, args.method), text=True)
-    print((out / f"sakd_{args.method}.md").read_text())
-
+    teacher, teacher_sha = pin_teacher({}, out / "methods.json")  # the method benchmark's teacher
+    stale = {r.get("teacher_sha") for r in results.values()} - {teacher_sha}
+    if stale:
+        raise SystemExit(f"{results_path}: made with another teacher ({', '.join(map(str, stale))}); move it away")
+    # seed-major, so a cut-short run still compares configs on the same seeds
+    tasks = {f"{c}/seed{s}": (f"sakd_{args.method}/{c}_seed{s}",
+                              {**overrides, **CONFIGS[c], "distill.method": args.method, "base.seed": s})
+             for s in args.seeds for c in args.configs if f"{c}/seed{s}" not in results}
+    try:
+        run_all(tasks, out / "runs", args.jobs, teacher, {"teacher_sha": teacher_sha}, results, results_path,
+                after=lambda: atomic_write(out / f"sakd_{args.method}.md", table(results, args.method), text=True))
+    finally:
+        print(table(results, args.method))
 
 def table(results: dict, method: str) -> str:
     by_config = {c: [v for k, v in results.items() if k.split("/")[0] == c] for c in CONFIGS}
@@ -53,18 +60,28 @@ def table(results: dict, method: str) -> str:
     full_time = mean_std([r["train_seconds"] for r in full])[0] if full else float("nan")
     full_epoch = mean_std([r["epoch_seconds"] for r in full])[0] if full else float("nan")
     rows = [f"KD method: {method}", "",
-            "| config | seeds | test top-1 | ECE | distill wall time (s) | time / full KD | round / full epoch |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+            "| config | seeds | test top-1 | ECE | distill wall time (s) | time / full KD | round / full epoch "
+            "| round split: teacher / student / DPP (s) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    curves = ["", "Mean alpha of the selected samples per round (mean over seeds; round at epoch):", "",
+              "| config | " + " | ".join(f"epoch {e}" for e in range(10)) + " |", "| --- |" + " --- |" * 10]
     for config, runs in by_config.items():
         if not runs:
             continue
         acc, ece, secs = (mean_std([r[m] for r in runs]) for m in ("top1", "ece", "train_seconds"))
         rnd = mean_std([r["round_seconds"] for r in runs])[0]
+        details = [d for r in runs for d in r.get("round_detail", [])]
+        split = " / ".join(f"{mean_std([d.get(k, 0.0) for d in details])[0]:.1f}"
+                           for k in ("teacher_seconds", "student_seconds", "dpp_seconds")) if details else "-"
         rows.append(f"| {config} | {len(runs)} | {100 * acc[0]:.2f} ± {100 * acc[1]:.2f} | {ece[0]:.4f} | "
                     f"{secs[0]:.0f} ± {secs[1]:.0f} | {secs[0] / full_time:.2f}x | "
-                    + (f"{rnd / full_epoch:.2f} |" if rnd else "- |"))
-    return "\n".join(rows) + "\n"
-
+                    + (f"{rnd / full_epoch:.2f} | {split} |" if rnd else "- | - |"))
+        if details:
+            by_epoch = {e: [d["alpha_selected_mean"] for d in details if int(d["epoch"]) == e and
+                            "alpha_selected_mean" in d] for e in range(10)}
+            curves.append(f"| {config} | " + " | ".join(f"{mean_std(v)[0]:.3f}" if v else "" for v in by_epoch.values())
+                          + " |")
+    return "\n".join(rows + (curves if len(curves) > 5 else [])) + "\n"
 
 if __name__ == "__main__":
     main()

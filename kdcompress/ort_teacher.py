@@ -10,11 +10,16 @@ grad (``DistillLoss.needs_teacher_grad`` is False).
 
 from __future__ import annotations
 
+import copy
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
 
-from kdcompress.export import INPUT_NAME, ParityError, session, to_onnx
+from kdcompress.export import INPUT_NAME, ParityError, save_onnx, session, to_onnx
 from kdcompress.types import ModelOutput, UserError
 
 
@@ -50,14 +55,27 @@ class OrtTeacher(nn.Module):
             out = model.extract(probe)
         self.stages = list(out.features)
         out_names = ("logits", "embedding", *self.stages)  # the order _Extract returns them in
-        proto = to_onnx(_Extract(model), input_shape, opset, {}, output_names=out_names)
-        self.session = session(proto.SerializeToString(), threads=threads or torch.get_num_threads(), spin=False)
+        self.proto = to_onnx(_Extract(model), input_shape, opset, {}, output_names=out_names)
+        self.threads = threads or torch.get_num_threads()
+        self.session = session(self.proto.SerializeToString(), threads=self.threads, spin=False)
         expected = (out.logits, out.embedding, *out.features.values())
         for name, got, want in zip(out_names, self._run(probe), expected, strict=True):
             diff = (got - want).abs().max().item()
             if diff > atol * max(1.0, want.abs().max().item()):
                 raise ParityError(f"onnxruntime teacher: output {name!r} differs from PyTorch by {diff:.3g}; "
                                   f"set distill.teacher_runtime: torch")
+
+    def int8(self, calibration: Iterable[np.ndarray]) -> OrtTeacher:
+        """This teacher quantized to int8 (static QDQ, calibrated on the normalised batches
+        ``calibration``): about twice as fast on a CPU, for passes that only rank samples."""
+        from kdcompress.quantize import quantize
+
+        with tempfile.TemporaryDirectory(prefix="kdcompress-teacher-") as tmp:
+            fp32 = save_onnx(self.proto, Path(tmp) / "teacher.onnx")
+            int8 = quantize(fp32, Path(tmp) / "teacher.int8.onnx", calibration, "minmax")
+            twin = copy.copy(self)
+            twin.session = session(int8.read_bytes(), threads=self.threads, spin=False)
+        return twin
 
     def _run(self, x: torch.Tensor) -> list[torch.Tensor]:
         arrays = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(x.detach().cpu().numpy())})

@@ -65,6 +65,24 @@ def test_ort_teacher_extract_matches_pytorch(arch):
         torch.testing.assert_close(got.features[name], want.features[name], atol=1e-4, rtol=1e-4)
 
 
+def test_int8_twin_of_the_ort_teacher_is_quantized_and_close():
+    """The int8 teacher for SAKD's difficulty pass: QDQ nodes in its graph, the fp32 teacher left as
+    it was, and outputs close to fp32 (it only has to rank samples)."""
+    from kdcompress.ort_teacher import OrtTeacher
+
+    torch.manual_seed(0)
+    model = create_model("tinycnn", 10, 1).eval()
+    teacher = OrtTeacher(model, [1, 16, 16], threads=1)
+    x = torch.randn(64, 1, 16, 16)
+    int8 = teacher.int8([x[:32].numpy(), x[32:].numpy()])
+    fp32_out, int8_out = teacher.extract(x), int8.extract(x)
+    assert int8.session is not teacher.session and int8.stages == teacher.stages
+    assert not torch.equal(int8_out.logits, fp32_out.logits)  # really another model
+    assert torch.equal(teacher.extract(x).logits, fp32_out.logits)  # and the fp32 one untouched
+    corr = torch.corrcoef(torch.stack([int8_out.logits.flatten(), fp32_out.logits.flatten()]))[0, 1]
+    assert corr > 0.98 and int8_out.embedding.shape == fp32_out.embedding.shape
+
+
 @pytest.mark.parametrize("method", ["kd", "at", "crd"])
 def test_distillation_step_same_with_ort_teacher(method):
     """A logit, a feature and an embedding method: same loss and same student gradients whether the

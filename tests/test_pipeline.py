@@ -204,7 +204,7 @@ def test_bad_params_fail_in_one_line_and_write_nothing(project, capsys, section,
     assert not (project / "artifacts/student").exists()
 
 
-def test_a_patch_shuffle_that_would_change_nothing_is_refused(project, capsys):
+def test_sakd_settings_that_cannot_work_are_refused(project, capsys):
     write_params(project, teacher={**TINY["teacher"], "model": "tinycnn"})
     assert prepare.main([]) == 0 and train_teacher.main([]) == 0
     capsys.readouterr()  # 16x16 images: patches of 9 leave a 1x1 grid
@@ -214,6 +214,12 @@ def test_a_patch_shuffle_that_would_change_nothing_is_refused(project, capsys):
     err = capsys.readouterr().err.strip()
     assert err == ("error: sakd.patch_size: 9 leaves a single patch on 16x16 images, so the shuffle would change "
                    "nothing; allowed: 1..8")
+    assert not (project / "artifacts/student").exists()
+    write_params(project, teacher={**TINY["teacher"], "model": "tinycnn"},
+                 distill={**TINY["distill"], "sampling": "sakd", "teacher_runtime": "torch"},
+                 sakd={"patch_size": 4, "pass_teacher": "int8"})
+    assert distill.main([]) == 2
+    assert "sakd.pass_teacher: 'int8' runs the onnxruntime teacher quantized" in capsys.readouterr().err
     assert not (project / "artifacts/student").exists()
 
 

@@ -147,7 +147,7 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
     write_fashion_idx(killed / "raw")
     write_params(killed, distill={"student": "tinycnn", "method": "kd", "epochs": 6, "batch_size": 16, "lr": 0.05,
                                   "eval_batch_size": 64, "sampling": "sakd"},
-                 sakd={"interval": 2, "patch_size": 4}, teacher={"model": "tinycnn", "epochs": 1})
+                 sakd={"interval": 2, "patch_size": 4, "pass_teacher": "int8"}, teacher={"model": "tinycnn", "epochs": 1})
     for stage, args in (("prepare", ["--out", "artifacts/data"]),
                         ("train_teacher", ["--data", "artifacts/data", "--out", "teacher.pt"])):
         subprocess.run([sys.executable, "-m", f"pipeline.{stage}", *args], cwd=killed, env=env, check=True,
@@ -186,3 +186,26 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
     assert len(students) == 2 and {r.info.status for r in students} == {"FINISHED"}  # the killed run was continued
     history = mlflow.MlflowClient().get_metric_history(students[0].info.run_id, "val_acc")
     assert sorted({m.step for m in history}) == list(range(6))
+
+
+def test_a_run_left_running_is_continued_or_marked_killed(tmp_path, monkeypatch):
+    from kdcompress import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    import mlflow
+
+    run = tracking.start_run("student", "killed")
+    run_id = run.info.run_id
+    mlflow.end_run(status="RUNNING")  # what a SIGKILL leaves behind
+    with tracking.start_run("student", "again", run_id=run_id) as again:
+        assert again.info.run_id == run_id  # a resumed stage logs into the same run
+    with tracking.start_run("student", "fresh", run_id="0" * 32) as fresh:
+        assert fresh.info.run_id != run_id  # a run the store lost: a new one
+    other = tracking.start_run("student", "stale")
+    stale_id = other.info.run_id
+    mlflow.end_run(status="RUNNING")
+    tracking.mark_killed(stale_id)
+    assert mlflow.get_run(stale_id).info.status == "KILLED"
+    assert mlflow.get_run(run_id).info.status == "FINISHED"
+    tracking.mark_killed(run_id)  # only a run still RUNNING is touched
+    assert mlflow.get_run(run_id).info.status == "FINISHED"

@@ -15,7 +15,8 @@ SAMPLINGS = ("full", "sakd")
 
 
 def build_selector(sampling: str, sakd: SAKDConfig, distiller: nn.Module, loader: BatchLoader, epochs: int,
-                   seed: int = 0, temperature: float | None = None) -> SampleSelector:
+                   seed: int = 0, temperature: float | None = None,
+                   pass_teacher: nn.Module | None = None) -> SampleSelector:
     """``full``: every sample, fixed weights. ``sakd``: SAKDSelector over the training split held by
     ``loader`` (its batch size is the difficulty pass's; it is iterated un-augmented). The KD
     temperature of l_i defaults to the distillation loss's own ``temperature`` (its initial value
@@ -25,5 +26,6 @@ def build_selector(sampling: str, sakd: SAKDConfig, distiller: nn.Module, loader
     if sampling == "sakd":
         if temperature is None:
             temperature = float(getattr(distiller.loss, "temperature", 4.0))
-        return SAKDSelector(sakd, distiller, loader, epochs=epochs, temperature=temperature, seed=seed)
+        return SAKDSelector(sakd, distiller, loader, epochs=epochs, temperature=temperature, seed=seed,
+                            alpha_rate=sakd.alpha_rate, pass_teacher=pass_teacher)
     raise UserError(f"distill.sampling: {sampling!r} is not allowed; allowed: {', '.join(SAMPLINGS)}")

@@ -96,20 +96,23 @@ class SAKDSelector(SampleSelector):
     the pooled ``embedding``). ``loader``: the TRAINING split's BatchLoader (iterated un-augmented,
     unshuffled, with the interruption as its ``transform``; its RNG is not touched).
     ``epochs``: N_epoch of the beta schedule. ``temperature``: of ``l_i`` (the KD method's).
-    ``batch_size``: of the difficulty pass (default: the loader's); on a CPU the pass runs whatever
-    teacher the distiller holds, the onnxruntime one by default. ``alpha_rate``: "beta_raw" (default) or
+    ``batch_size``: of the difficulty pass (default: the loader's). ``pass_teacher``: who runs the
+    pass (default: the distiller's teacher, on a CPU the onnxruntime one; the int8 twin of that
+    halves the pass's teacher time). ``alpha_rate``: "beta_raw" (default) or
     "beta", the rate in the alpha update (SAKD.md step 5 choice). ``dpp_block``: speed knob of the DPP.
     """
 
     def __init__(self, cfg: SAKDConfig, distiller: nn.Module, loader: BatchLoader, epochs: int,
                  temperature: float = 4.0, seed: int = 0, *, batch_size: int | None = None,
-                 num_classes: int | None = None, alpha_rate: str = "beta_raw", dpp_block: int = 512):
+                 num_classes: int | None = None, alpha_rate: str = "beta_raw", dpp_block: int = 512,
+                 pass_teacher: nn.Module | None = None):
         if alpha_rate not in ("beta_raw", "beta"):
             raise UserError(f"sakd alpha_rate: {alpha_rate!r} is not allowed; allowed: beta_raw, beta")
         if getattr(distiller, "teacher", None) is None:
             raise UserError("distill.sampling: sakd needs a teacher, the distiller has none (method 'ce'?)")
         self.cfg = cfg
         self.distiller = distiller
+        self.pass_teacher = pass_teacher if pass_teacher is not None else distiller.teacher
         self.epochs = int(epochs)
         self.temperature = float(temperature)
         self.alpha_rate = alpha_rate
@@ -137,6 +140,7 @@ class SAKDSelector(SampleSelector):
         self.rounds = 0
         self.last_round_epoch = -1
         self.history: list[dict] = []
+        self.split: dict[str, float] = {}  # the last difficulty pass's time: teacher, student
 
     # -- SampleSelector ----------------------------------------------------------------------
     def select(self, epoch: int) -> torch.Tensor:
@@ -160,17 +164,24 @@ class SAKDSelector(SampleSelector):
 
     def difficulty_pass(self, transform: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample ``l_i`` [N] and teacher embeddings [N, D] on interrupted, un-augmented inputs."""
-        student, teacher = self.distiller.student, self.distiller.teacher
+        student, teacher = self.distiller.student, self.pass_teacher
         was_training = student.training
         teacher_was_training = teacher.training
         student.eval()
         teacher.eval()
         losses, feats = [], []
+        self.split = {"teacher_seconds": 0.0, "student_seconds": 0.0}
         try:
             with torch.inference_mode():
                 for x, _, _ in self.loader.batches(shuffle=False, augment=False, transform=transform):
+                    t0 = time.perf_counter()
                     t_out = teacher.extract(x)
+                    self._sync()
+                    t1 = time.perf_counter()
                     s_out = student.extract(x)
+                    self._sync()
+                    self.split["teacher_seconds"] += t1 - t0
+                    self.split["student_seconds"] += time.perf_counter() - t1
                     losses.append(kl_per_sample(s_out.logits.float(), t_out.logits.float(), self.temperature))
                     emb = t_out.embedding
                     if emb is None:  # no pooled embedding: pool the deepest feature map
@@ -231,8 +242,10 @@ class SAKDSelector(SampleSelector):
             "selected": len(selection), "overlap_prev": overlap,
             "kd_interrupted_mean": loss.double().mean().item(),
             **_quantiles(self.alpha, "alpha"), **_quantiles(s_hat, "s_hat"),
+            "alpha_selected_mean": self.alpha[selection].double().mean().item(),
             **{f"class_{c}": int(v) for c, v in enumerate(hist)},
-            "difficulty_seconds": t1 - t0, "dpp_seconds": t2 - t1, "round_seconds": time.perf_counter() - t0,
+            "difficulty_seconds": t1 - t0, **self.split, "dpp_seconds": t2 - t1,
+            "round_seconds": time.perf_counter() - t0,
         }
         self.history.append(record)
 
