@@ -98,7 +98,8 @@ def load_prepared(data_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> Pre
                 raise UserError(f"{path}: not a readable prepared split ({reason}); "
                                 "rerun the prepare stage") from None
         else:
-            parts[name] = Split(torch.empty(0, *meta["input_shape"], dtype=torch.uint8), torch.empty(0, dtype=torch.long))
+            parts[name] = Split(torch.empty(0, *meta["input_shape"], dtype=torch.uint8),
+                                torch.empty(0, dtype=torch.long))
     return Prepared(**parts, classes=meta["classes"], mean=meta["mean"], std=meta["std"], source=meta["source"])
 
 

@@ -117,7 +117,8 @@ def onnx_size(path: str | Path) -> int:
 
 
 def onnx_opset(path: str | Path) -> int:
-    return max(o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
+    opsets = onnx.load(str(path), load_external_data=False).opset_import
+    return max(o.version for o in opsets if o.domain in ("", "ai.onnx"))
 
 
 def cpu_name() -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from kdcompress.io import atomic_write
-from kdcompress.tracking import project_root
+from kdcompress.tracking import file_sha, project_root
 from kdcompress.types import ModelOutput
 
 CACHEABLE = frozenset({"logits", "embedding"})
@@ -36,6 +36,19 @@ def cache_root() -> Path:
 
 def cache_key(**what) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def for_run(teacher: str | Path, data_dir: str | Path, num_samples: int, parts: frozenset[str], runtime: str,
+            **view) -> TeacherCache:
+    """The cache of one teacher (file), prepared training split, teacher runtime and stored parts,
+    for one view of the images (``view``: seed and augmentation settings, or ``clean=True``); says
+    in one line how many epochs it already holds."""
+    key = cache_key(teacher=file_sha(teacher), data=file_sha(Path(data_dir) / "train.pt"), runtime=runtime,
+                    parts=sorted(parts), **view)
+    cache = TeacherCache(cache_root(), key, num_samples, parts)
+    print(f"teacher cache {key} ({', '.join(f'{k}={v}' for k, v in view.items())}): "
+          f"{cache.cached_epochs()} epochs stored in {cache_root()}")
+    return cache
 
 
 def folder_bytes(path: Path) -> int:
@@ -115,7 +128,8 @@ class TeacherCache:
 
     def evict(self) -> None:
         """Remove whole keys, least recently used first, until the cache fits its cap."""
-        keys = sorted((p for p in self.root.iterdir() if p.is_dir() and p != self.folder), key=lambda p: p.stat().st_mtime)
+        keys = sorted((p for p in self.root.iterdir() if p.is_dir() and p != self.folder),
+                      key=lambda p: p.stat().st_mtime)
         total = folder_bytes(self.root)
         for old in keys:
             if total <= self.max_bytes:

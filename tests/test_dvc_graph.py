@@ -29,8 +29,8 @@ def imported_modules(path: Path) -> set[str]:
     """Every project module ``path`` imports, anywhere but under ``if TYPE_CHECKING:``; a module
     brings its parent packages (their ``__init__`` runs first)."""
     tree = ast.parse(path.read_text())
-    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-               for stmt in node.body for n in ast.walk(stmt)}
+    guarded = [n for n in ast.walk(tree) if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)]
+    skipped = {id(n) for node in guarded for stmt in node.body for n in ast.walk(stmt)}
     names = set()
     for node in ast.walk(tree):
         if id(node) in skipped:
@@ -88,7 +88,8 @@ def test_every_file_a_stage_names_is_a_dep_or_an_output(name):
             assert not covered(path, outputs), f"stage {name}: DVC would delete the resume file {path}"
         else:
             folder = not Path(path).suffix
-            assert covered(path, stage["deps"], folder) or covered(path, outputs, folder), f"stage {name}: --{flag} {path}"
+            listed = covered(path, stage["deps"], folder) or covered(path, outputs, folder)
+            assert listed, f"stage {name}: --{flag} {path} is neither a dep nor an output"
 
 
 def test_inputs_outside_the_commands_are_deps():

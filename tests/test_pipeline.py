@@ -208,8 +208,8 @@ def test_sakd_settings_that_cannot_work_are_refused(project, capsys):
     write_params(project, teacher={**TINY["teacher"], "model": "tinycnn"})
     assert prepare.main([]) == 0 and train_teacher.main([]) == 0
     capsys.readouterr()  # 16x16 images: patches of 9 leave a 1x1 grid
-    write_params(project, teacher={**TINY["teacher"], "model": "tinycnn"}, distill={**TINY["distill"], "sampling": "sakd"},
-                 sakd={"shuffle": "patch", "patch_size": 9})
+    write_params(project, teacher={**TINY["teacher"], "model": "tinycnn"},
+                 distill={**TINY["distill"], "sampling": "sakd"}, sakd={"shuffle": "patch", "patch_size": 9})
     assert distill.main([]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("error: sakd.patch_size: 9 leaves a single patch on 16x16 images, so the shuffle would change "

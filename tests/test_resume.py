@@ -38,8 +38,8 @@ def make_run(name: str, train, sakd: bool):
     loss = build_loss(name)
     teacher = FakeNet(width=8) if loss is not None and loss.needs_teacher or sakd else None
     distiller = Distiller(FakeNet(num_classes=4, in_channels=1, width=4), teacher, loss)
-    selector = (SAKDSelector(SAKDConfig(ratio=0.5, interval=2, patch_size=4), distiller, train, epochs=3, seed=0) if sakd
-                else FullData(len(train)))
+    sakd_cfg = SAKDConfig(ratio=0.5, interval=2, patch_size=4)
+    selector = SAKDSelector(sakd_cfg, distiller, train, epochs=3, seed=0) if sakd else FullData(len(train))
     return distiller, selector
 
 
@@ -147,7 +147,8 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
     write_fashion_idx(killed / "raw")
     write_params(killed, distill={"student": "tinycnn", "method": "kd", "epochs": 6, "batch_size": 16, "lr": 0.05,
                                   "eval_batch_size": 64, "sampling": "sakd"},
-                 sakd={"interval": 2, "patch_size": 4, "pass_teacher": "int8"}, teacher={"model": "tinycnn", "epochs": 1})
+                 sakd={"interval": 2, "patch_size": 4, "pass_teacher": "int8"},
+                 teacher={"model": "tinycnn", "epochs": 1})
     for stage, args in (("prepare", ["--out", "artifacts/data"]),
                         ("train_teacher", ["--data", "artifacts/data", "--out", "teacher.pt"])):
         subprocess.run([sys.executable, "-m", f"pipeline.{stage}", *args], cwd=killed, env=env, check=True,
@@ -157,7 +158,8 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
     proc = subprocess.Popen(_distill(killed), cwd=killed, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while time.time() < deadline:  # kill as soon as epoch 2 of 6 is on disk
-        if (killed / "resume.pt").exists() and torch.load(killed / "resume.pt", weights_only=True)["state"]["epoch"] >= 1:
+        resume = killed / "resume.pt"
+        if resume.exists() and torch.load(resume, weights_only=True)["state"]["epoch"] >= 1:
             break
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)

@@ -122,7 +122,8 @@ def test_later_rounds_follow_the_update_rules(tiny_loaders, monkeypatch):
     g = torch.Generator().manual_seed(5)
     passes = [(torch.rand(n, generator=g) + 0.1, torch.randn(n, 3, generator=g)) for _ in range(3)]
     calls = []
-    monkeypatch.setattr(sel, "difficulty_pass", lambda transform: calls.append(transform) or passes[len(calls) - 1])
+    monkeypatch.setattr(sel, "difficulty_pass",
+                        lambda transform, clean: calls.append(transform) or passes[len(calls) - 1])
 
     sel.select(0)
     alpha0 = sel.alpha.clone()
@@ -173,7 +174,8 @@ def test_fit_trains_only_on_the_selection(tiny_loaders):
     torch.manual_seed(0)
     teacher, student = FakeNet(width=8), FakeNet()
     distiller = Distiller(student, teacher, KD(4.0), ce_weight=0.1, kd_weight=0.9)
-    sel = SAKDSelector(SAKDConfig(ratio=0.5, interval=1, patch_size=4), distiller, train, epochs=3, temperature=4.0, seed=0)
+    sakd_cfg = SAKDConfig(ratio=0.5, interval=1, patch_size=4)
+    sel = SAKDSelector(sakd_cfg, distiller, train, epochs=3, temperature=4.0, seed=0)
     seen: list[tuple[set, set]] = []
     observe = sel.observe
 

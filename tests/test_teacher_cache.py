@@ -78,3 +78,26 @@ def test_partial_fills_damage_and_the_size_cap(tmp_path):
     big.store(torch.arange(1000), ModelOutput(logits=torch.zeros(1000, 4)))
     big.end_epoch()  # 16 kB > 10 kB: the older key goes, the one in use stays
     assert not (tmp_path / "a").exists() and big.path(0).exists()
+
+
+def test_sakd_first_round_reads_the_clean_pass_from_the_cache(tiny_loaders, tmp_path):
+    from kdcompress.config import SAKDConfig
+    from kdcompress.selection.sakd import SAKDSelector
+
+    train, _ = tiny_loaders
+    rounds = []
+    for _ in range(2):
+        seed_everything(0)
+        d = Distiller(FakeNet(num_classes=4, in_channels=1, width=4), CountingNet(width=8), build_loss("kd"))
+        cache = TeacherCache(tmp_path, "clean", len(train), frozenset({"logits", "embedding"}))
+        sel = SAKDSelector(SAKDConfig(ratio=0.5, interval=2, patch_size=4), d, train, epochs=4, clean_cache=cache)
+        CountingNet.calls = 0
+        sel.select(0)  # beta_raw = 0: nothing is interrupted
+        first = CountingNet.calls
+        sel.select(2)  # interrupted images: always the live teacher
+        rounds.append((first, CountingNet.calls - first, sel.selection.clone(), sel.alpha.clone(), cache.hits))
+    (calls_a, later_a, sel_a, alpha_a, hits_a), (calls_b, later_b, sel_b, alpha_b, hits_b) = rounds
+    assert calls_a == train.num_batches() and hits_a == 0
+    assert calls_b == 0 and hits_b == len(train)  # the second run's clean pass never ran the teacher
+    assert later_a == later_b == train.num_batches()
+    assert torch.equal(sel_a, sel_b) and torch.equal(alpha_a, alpha_b)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -39,6 +40,9 @@ from kdcompress.losses.kd import kl_per_sample
 from kdcompress.selection.base import SampleSelector
 from kdcompress.selection.dpp import greedy_dpp
 from kdcompress.types import UserError
+
+if TYPE_CHECKING:
+    from kdcompress.teacher_cache import TeacherCache
 
 FEATURE_MOMENTUM = 0.1  # weight of the old fused feature in the dropout regime (SAKD.md step 4)
 
@@ -98,14 +102,15 @@ class SAKDSelector(SampleSelector):
     ``epochs``: N_epoch of the beta schedule. ``temperature``: of ``l_i`` (the KD method's).
     ``batch_size``: of the difficulty pass (default: the loader's). ``pass_teacher``: who runs the
     pass (default: the distiller's teacher, on a CPU the onnxruntime one; the int8 twin of that
-    halves the pass's teacher time). ``alpha_rate``: "beta_raw" (default) or
+    halves the pass's teacher time). ``clean_cache``: a ``TeacherCache`` for the pass's teacher
+    outputs on clean images (the first round's, where nothing is interrupted). ``alpha_rate``: "beta_raw" (default) or
     "beta", the rate in the alpha update (SAKD.md step 5 choice). ``dpp_block``: speed knob of the DPP.
     """
 
     def __init__(self, cfg: SAKDConfig, distiller: nn.Module, loader: BatchLoader, epochs: int,
                  temperature: float = 4.0, seed: int = 0, *, batch_size: int | None = None,
                  num_classes: int | None = None, alpha_rate: str = "beta_raw", dpp_block: int = 512,
-                 pass_teacher: nn.Module | None = None):
+                 pass_teacher: nn.Module | None = None, clean_cache: TeacherCache | None = None):
         if alpha_rate not in ("beta_raw", "beta"):
             raise UserError(f"sakd alpha_rate: {alpha_rate!r} is not allowed; allowed: beta_raw, beta")
         if getattr(distiller, "teacher", None) is None:
@@ -113,6 +118,7 @@ class SAKDSelector(SampleSelector):
         self.cfg = cfg
         self.distiller = distiller
         self.pass_teacher = pass_teacher if pass_teacher is not None else distiller.teacher
+        self.clean_cache = clean_cache
         self.epochs = int(epochs)
         self.temperature = float(temperature)
         self.alpha_rate = alpha_rate
@@ -162,8 +168,13 @@ class SAKDSelector(SampleSelector):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def difficulty_pass(self, transform: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample ``l_i`` [N] and teacher embeddings [N, D] on interrupted, un-augmented inputs."""
+    def difficulty_pass(self, transform: Callable[[torch.Tensor], torch.Tensor],
+                        clean: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample ``l_i`` [N] and teacher embeddings [N, D] on interrupted, un-augmented inputs
+        (``clean``: the transform changes nothing, so the teacher's outputs may come from the cache)."""
+        cache = self.clean_cache if clean else None
+        if cache is not None:
+            cache.begin_epoch(0)
         student, teacher = self.distiller.student, self.pass_teacher
         was_training = student.training
         teacher_was_training = teacher.training
@@ -173,9 +184,13 @@ class SAKDSelector(SampleSelector):
         self.split = {"teacher_seconds": 0.0, "student_seconds": 0.0}
         try:
             with torch.inference_mode():
-                for x, _, _ in self.loader.batches(shuffle=False, augment=False, transform=transform):
+                for x, _, idx in self.loader.batches(shuffle=False, augment=False, transform=transform):
                     t0 = time.perf_counter()
-                    t_out = teacher.extract(x)
+                    t_out = cache.lookup(idx) if cache is not None else None
+                    if t_out is None:
+                        t_out = teacher.extract(x)
+                        if cache is not None:
+                            cache.store(idx, t_out)
                     self._sync()
                     t1 = time.perf_counter()
                     s_out = student.extract(x)
@@ -190,6 +205,8 @@ class SAKDSelector(SampleSelector):
         finally:
             student.train(was_training)
             teacher.train(teacher_was_training)
+        if cache is not None:
+            cache.end_epoch()
         # clone outside inference mode: these tensors meet autograd later (alpha * CE)
         return torch.cat(losses).clone(), torch.cat(feats).clone()
 
@@ -200,7 +217,9 @@ class SAKDSelector(SampleSelector):
         beta_raw, beta = beta_schedule(epoch, self.epochs, cfg.theta, cfg.eta)
         regime, transform = self.interruption(beta_raw, beta)
 
-        loss, feat = self.difficulty_pass(transform)
+        h, w = self.loader.images.shape[-2:]
+        clean = regime == "dropout" and math.floor(beta * h * w) == 0
+        loss, feat = self.difficulty_pass(transform, clean)
         loss, feat = loss.to(self.device), feat.to(self.device)
         inv = 1.0 / (self.omega.double() + cfg.eps)
         p = inv / inv.sum()
