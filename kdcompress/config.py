@@ -79,7 +79,7 @@ class DataConfig:
     dataset: str = _opt("fashion_mnist", choices=("fashion_mnist", "mnist", "cifar10", "cifar100", "image_folder"))
     root: str = "data"
     val_fraction: float = _opt(0.1, lo=0.0, hi=0.5, lo_open=True)
-    image_size: int = _opt(32, lo=8)  # image_folder only: images are resized to this square size
+    image_size: int | None = _opt(None, lo=8)  # resize to this square size; null: as stored (image_folder: 32)
     download: bool = True  # last resort: torchvision's download (needs internet)
 
 

@@ -9,7 +9,10 @@ Formats:
 - ``mnist`` / ``fashion_mnist``: the four IDX files (plain or .gz), 1 x 28 x 28.
 - ``cifar10`` / ``cifar100``: torchvision's python-pickle batches, 3 x 32 x 32.
 - ``image_folder``: ``<root>/train/<class>/*`` and ``<root>/test/<class>/*`` image files, always
-  converted to RGB and resized to ``data.image_size`` squared.
+  converted to RGB and resized to ``data.image_size`` squared (32 when it is null).
+
+``load_source`` resizes every other data set to ``data.image_size`` squared too, when it is set
+(a 28-px set can feed a 64-px or 224-px torchvision network).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from kdcompress.types import UserError
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
 MNIST_CLASSES = [str(i) for i in range(10)]
+IMAGE_FOLDER_SIZE = 32  # px, when data.image_size is null
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -305,8 +309,9 @@ def load_image_folder(cfg: DataConfig) -> RawDataset:
         raise UserError(f"{root / 'test'}: class folders differ from {root / 'train'}"
                         + (f"; missing in test: {', '.join(missing)}" if missing else "")
                         + (f"; not in train: {', '.join(extra)}" if extra else ""))
-    train = read_image_split(root / "train", classes, cfg.image_size, require_all=True)
-    test = read_image_split(root / "test", classes, cfg.image_size, require_all=False)
+    size = cfg.image_size or IMAGE_FOLDER_SIZE
+    train = read_image_split(root / "train", classes, size, require_all=True)
+    test = read_image_split(root / "test", classes, size, require_all=False)
     return RawDataset(*train, *test, classes=classes, source=str(root))
 
 
@@ -319,7 +324,24 @@ READERS = {
 }
 
 
+def resize(images: torch.Tensor, size: int, chunk: int = 2048) -> torch.Tensor:
+    """uint8 [N, C, H, W] images resized to ``size`` x ``size`` (bilinear, antialiased when shrinking)."""
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    out = torch.empty(len(images), images.shape[1], size, size, dtype=torch.uint8)
+    for start in range(0, len(images), chunk):
+        part = images[start:start + chunk].float()
+        part = torch.nn.functional.interpolate(part, size=(size, size), mode="bilinear", antialias=True,
+                                               align_corners=False)
+        out[start:start + chunk] = part.round().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
 def load_source(cfg: DataConfig) -> RawDataset:
     if cfg.dataset not in READERS:
         raise UserError(f"data.dataset: {cfg.dataset!r} has no reader; allowed: {', '.join(sorted(READERS))}")
-    return READERS[cfg.dataset](cfg)
+    raw = READERS[cfg.dataset](cfg)
+    if cfg.image_size:
+        raw.train_images, raw.test_images = resize(raw.train_images, cfg.image_size), resize(raw.test_images,
+                                                                                            cfg.image_size)
+    return raw

@@ -57,6 +57,18 @@ def test_mnist_idx_roundtrip(tmp_path, gz_images, gz_labels):
     assert raw.source == str(tmp_path)
 
 
+def test_image_size_resizes_every_data_set(tmp_path):
+    ref = make_idx_folder(tmp_path)
+    raw = load_source(cfg("fashion_mnist", tmp_path, image_size=56))
+    assert raw.train_images.shape == (5, 1, 56, 56) and raw.test_images.shape == (3, 1, 56, 56)
+    assert raw.train_images.dtype == torch.uint8
+    # doubling then averaging each 2x2 block comes back close to the original 28x28 image
+    back = torch.nn.functional.avg_pool2d(raw.test_images.float(), 2)[:, 0].numpy()
+    assert np.abs(back - ref["test"][0]).mean() < 40 and np.corrcoef(back.ravel(), ref["test"][0].ravel())[0, 1] > 0.5
+    same = load_source(cfg("fashion_mnist", tmp_path))  # null: as stored
+    assert same.train_images.shape == (5, 1, 28, 28)
+
+
 def test_fashion_mnist_torchvision_layout(tmp_path):
     ref = make_idx_folder(tmp_path / "FashionMNIST" / "raw")
     raw = load_source(cfg("fashion_mnist", tmp_path))
