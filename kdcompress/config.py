@@ -72,6 +72,7 @@ class BaseConfig:
     seed: int = _opt(0, lo=0)
     device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
     num_threads: int = _opt(0, lo=0)  # 0: all cores
+    precision: str = _opt("fp32", choices=("fp32", "bf16", "fp16"))  # training under autocast (fp16: + GradScaler)
 
 
 @dataclass(frozen=True)

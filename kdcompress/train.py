@@ -7,6 +7,7 @@ a subset still follows the same schedule.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -41,6 +42,13 @@ def lr_at(cfg: TrainConfig, progress: float) -> float:
     return cfg.lr / 1e4 + 0.5 * (cfg.lr - cfg.lr / 1e4) * (1 + math.cos(math.pi * t))
 
 
+def autocast(device: torch.device, precision: str):
+    """The autocast context of ``precision`` (fp32: none)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
 @torch.inference_mode()
 def predict(model: torch.nn.Module, loader: BatchLoader, desc: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of a whole split, in order (model put in eval mode, restored after)."""
@@ -66,20 +74,24 @@ class FitResult:
 
 def fit(distiller: Distiller, train: BatchLoader, val: BatchLoader, selector: SampleSelector, cfg: TrainConfig,
         callbacks: list[EpochCallback] = (), resume: dict | None = None,
-        checkpoint: Callable[[dict], None] | None = None) -> FitResult:
+        checkpoint: Callable[[dict], None] | None = None, precision: str = "fp32") -> FitResult:
     """Train for ``cfg.epochs``. ``checkpoint`` gets the whole training state after every epoch;
-    passing such a state back as ``resume`` continues after its epoch exactly as if never stopped."""
+    passing such a state back as ``resume`` continues after its epoch exactly as if never stopped.
+    ``precision``: the step's forward under autocast in bf16 or fp16 (fp16 with a GradScaler)."""
     student = distiller.student
     probe = next(train.batches())[0]
     distiller.setup(probe)
     optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    device = probe.device
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     start_epoch, best_acc, best_epoch, best_state, history, seconds = 0, -1.0, -1, None, [], 0.0
     if resume is not None:
         student.load_state_dict(resume["student"])
         if distiller.loss is not None:
             distiller.loss.load_state_dict(resume["loss"])
         optimizer.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
         selector.load_state_dict(resume["selector"])
         start_epoch, best_acc, best_epoch = resume["epoch"] + 1, resume["best_val_acc"], resume["best_epoch"]
         best_state, history, seconds = resume["best_state"], resume["history"], resume["seconds"]
@@ -89,7 +101,8 @@ def fit(distiller: Distiller, train: BatchLoader, val: BatchLoader, selector: Sa
         return {**to_cpu({
             "student": student.state_dict(),
             "loss": distiller.loss.state_dict() if distiller.loss is not None else {},
-            "optimizer": optimizer.state_dict(), "selector": selector.state_dict(), "epoch": epoch,
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "selector": selector.state_dict(),
+            "epoch": epoch,
             "best_val_acc": best_acc, "best_epoch": best_epoch, "best_state": best_state, "history": history,
             "seconds": seconds + time.perf_counter() - t0}), "rng": rng_state()}
 
@@ -101,26 +114,31 @@ def fit(distiller: Distiller, train: BatchLoader, val: BatchLoader, selector: Sa
         distiller.on_epoch_start(epoch, cfg.epochs)
         distiller.train()
         n_batches = train.num_batches(len(indices))
-        total_loss, correct, seen = 0.0, 0, 0
+        # accumulated on the device: no host synchronisation inside the step
+        total_loss = torch.zeros((), dtype=torch.float64, device=device)
+        correct, seen = torch.zeros((), dtype=torch.long, device=device), 0
         bar = tqdm(train.batches(indices, shuffle=True, augment=True, epoch=epoch), total=n_batches,
                    desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
         for i, (x, y, idx) in enumerate(bar):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(cfg, (epoch + i / n_batches) / cfg.epochs)
-            out = distiller(x, y, selector.weights(idx), idx)
+            with autocast(device, precision):
+                out = distiller(x, y, selector.weights(idx), idx)
             optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
+            scaler.scale(out.loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             distiller.after_step()
             selector.observe(idx, out.per_sample)
-            total_loss += out.loss.item() * len(y)
-            correct += (out.logits.argmax(1) == out.target).sum().item()  # data_free trains on teacher labels
+            total_loss += out.loss.detach().double() * len(y)
+            correct += (out.logits.argmax(1) == out.target).sum()  # data_free trains on teacher labels
             seen += len(y)
         distiller.on_epoch_end()
         train_seconds = time.perf_counter() - t_epoch
         val_logits, val_labels = predict(student, val, desc="val")
         val_acc = (val_logits.argmax(1) == val_labels).float().mean().item()
-        metrics = {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1), "val_acc": val_acc,
+        metrics = {"train_loss": total_loss.item() / max(seen, 1), "train_acc": correct.item() / max(seen, 1),
+                   "val_acc": val_acc,
                    "lr": optimizer.param_groups[0]["lr"], "samples": seen, "epoch_seconds": train_seconds}
         if len(selector.history) > rounds_before:
             metrics.update({f"selection_{k}": v for k, v in selector.history[-1].items()

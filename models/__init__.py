@@ -30,7 +30,8 @@ TAKES_ARGUMENT = {"tinycnn", "mobilenet", "tv"}  # builders that read the part a
 def create_model(name: str, num_classes: int, in_channels: int) -> Classifier:
     key, _, argument = name.partition(":")
     if key not in MODELS:
-        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(sorted(MODELS))} (widths: tinycnn:C1-C2-C3, mobilenet:W; torchvision: tv:<name>)")
+        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(sorted(MODELS))} "
+                         "(widths: tinycnn:C1-C2-C3, mobilenet:W; torchvision: tv:<name>)")
     if argument and key not in TAKES_ARGUMENT:
         raise ValueError(f"model {key!r} takes no argument after ':'; got {name!r}")
     model = MODELS[key](num_classes, in_channels, argument) if argument else MODELS[key](num_classes, in_channels)

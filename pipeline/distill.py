@@ -81,7 +81,8 @@ def main(argv=None):
                             run_id=resumed and resumed["mlflow_run_id"]) as run:
         tracking.log_params(logged)
         result = fit(distiller, train, val, selector, cfg, callbacks=[tracking.log_epoch], resume=resumed,
-                     checkpoint=lambda state: point.save(state, mlflow_run_id=run.info.run_id))
+                     checkpoint=lambda state: point.save(state, mlflow_run_id=run.info.run_id),
+                     precision=params["base"].precision)
         save_checkpoint(args.out, cfg.student, len(data.classes), data.input_shape[0], result.best_state,
                         best_epoch=result.best_epoch, val_acc=result.best_val_acc, method=cfg.method)
         tracking.tag_checkpoint(args.out)

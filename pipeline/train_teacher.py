@@ -50,7 +50,8 @@ def main(argv=None):
                            seed=params["base"].seed)
             result = fit(Distiller(model, label_smoothing=cfg.label_smoothing), train, val, FullData(len(train)), cfg,
                          callbacks=[tracking.log_epoch], resume=resumed,
-                         checkpoint=lambda state: point.save(state, mlflow_run_id=run.info.run_id))
+                         checkpoint=lambda state: point.save(state, mlflow_run_id=run.info.run_id),
+                         precision=params["base"].precision)
             state, best_epoch, val_acc, seconds, history = (result.best_state, result.best_epoch,
                                                             result.best_val_acc, result.seconds, result.history)
         save_checkpoint(args.out, cfg.model, len(data.classes), data.input_shape[0], state,
