@@ -73,6 +73,7 @@ class BaseConfig:
     device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
     num_threads: int = _opt(0, lo=0)  # 0: all cores
     precision: str = _opt("fp32", choices=("fp32", "bf16", "fp16"))  # training under autocast (fp16: + GradScaler)
+    nproc: int = _opt(1, lo=1)  # processes for teacher and distill (torchrun; DDP with NCCL on CUDA, gloo on the CPU)
 
 
 @dataclass(frozen=True)

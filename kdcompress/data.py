@@ -142,14 +142,16 @@ class BatchLoader:
 
     def batches(self, indices: torch.Tensor | None = None, shuffle: bool = False, augment: bool = False,
                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None, epoch: int = 0,
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``shard=(rank, world)``: this rank's part of every batch (contiguous, near-equal parts of the
+        same global batches in every rank)."""
         idx = torch.arange(len(self), device=self.device) if indices is None else indices.to(self.device)
         if shuffle:
             perm = torch.randperm(len(idx), generator=epoch_generator(self.seed, epoch, 0))
             idx = idx[perm.to(self.device)]
         draws = self.augmentation(epoch) if augment else None
         for start in range(0, len(idx), self.batch_size):
-            b = idx[start:start + self.batch_size]
+            b = idx[start:start + self.batch_size].tensor_split(shard[1])[shard[0]]
             x = self.images[b].float().div_(255.0)
             if draws is not None:
                 x = self.augment(x, *(d[b] for d in draws))

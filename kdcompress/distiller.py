@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcompress.types import StepOutput
+from kdcompress import distributed
+from kdcompress.types import ModelOutput, StepOutput
 
 if TYPE_CHECKING:
     from kdcompress.losses.base import DistillLoss
@@ -96,7 +97,11 @@ class Distiller(nn.Module):
         if self.loss is None:
             per_sample = ce
         else:
-            kd = self.loss(s, self.teacher_output(x, index), y)
+            t = self.teacher_output(x, index)
+            if self.loss.batch_level and distributed.world()[1] > 1:  # the loss of the global batch
+                kd = self.loss(gather_output(s), gather_output(t), distributed.gather(y))[:len(y)]
+            else:
+                kd = self.loss(s, t, y)
             if alpha is None:
                 per_sample = self.ce_weight * ce + self.kd_weight * kd
             else:
@@ -108,3 +113,10 @@ class Distiller(nn.Module):
     def after_step(self) -> None:
         if self.loss is not None:
             self.loss.after_step(self.student)
+
+
+def gather_output(out: ModelOutput) -> ModelOutput:
+    """A ``ModelOutput`` of the global batch (every rank's rows, gradients kept)."""
+    return ModelOutput(logits=distributed.gather(out.logits),
+                       features={k: distributed.gather(v) for k, v in out.features.items()},
+                       embedding=None if out.embedding is None else distributed.gather(out.embedding))

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from kdcompress import distributed
 from kdcompress.resume import rng_state, set_rng_state, to_cpu
 
 if TYPE_CHECKING:
@@ -81,6 +83,11 @@ def fit(distiller: Distiller, train: BatchLoader, val: BatchLoader, selector: Sa
     student = distiller.student
     probe = next(train.batches())[0]
     distiller.setup(probe)
+    rank, world = distributed.world()
+    model = distiller
+    if world > 1:  # global-batch BN, then DDP averages the gradients of the student and the loss's modules
+        distributed.convert_batchnorm(distiller)
+        model = DistributedDataParallel(distiller, find_unused_parameters=True, broadcast_buffers=False)
     optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
     device = probe.device
@@ -117,15 +124,18 @@ def fit(distiller: Distiller, train: BatchLoader, val: BatchLoader, selector: Sa
         # accumulated on the device: no host synchronisation inside the step
         total_loss = torch.zeros((), dtype=torch.float64, device=device)
         correct, seen = torch.zeros((), dtype=torch.long, device=device), 0
-        bar = tqdm(train.batches(indices, shuffle=True, augment=True, epoch=epoch), total=n_batches,
-                   desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
+        bar = tqdm(train.batches(indices, shuffle=True, augment=True, epoch=epoch, shard=(rank, world)),
+                   total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
         for i, (x, y, idx) in enumerate(bar):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(cfg, (epoch + i / n_batches) / cfg.epochs)
             with autocast(device, precision):
-                out = distiller(x, y, selector.weights(idx), idx)
+                out = model(x, y, selector.weights(idx), idx)
+            # this rank's share of the global batch mean: DDP's average over ranks makes it whole
+            global_n = min(train.batch_size, len(indices) - i * train.batch_size)
+            loss = out.loss * (len(y) * world / global_n) if world > 1 else out.loss
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(out.loss).backward()
+            scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             distiller.after_step()
@@ -134,6 +144,8 @@ def fit(distiller: Distiller, train: BatchLoader, val: BatchLoader, selector: Sa
             correct += (out.logits.argmax(1) == out.target).sum()  # data_free trains on teacher labels
             seen += len(y)
         distiller.on_epoch_end()
+        seen = int(distributed.all_sum(torch.tensor(seen, device=device)))
+        distributed.all_sum(total_loss), distributed.all_sum(correct)
         train_seconds = time.perf_counter() - t_epoch
         val_logits, val_labels = predict(student, val, desc="val")
         val_acc = (val_logits.argmax(1) == val_labels).float().mean().item()
@@ -147,7 +159,7 @@ def fit(distiller: Distiller, train: BatchLoader, val: BatchLoader, selector: Sa
         if val_acc > best_acc:
             best_acc, best_epoch = val_acc, epoch
             best_state = copy.deepcopy(student.state_dict())
-        for cb in callbacks:
+        for cb in callbacks:  # the stage passes callbacks and a checkpoint to rank 0 only
             cb(epoch, metrics)
         if checkpoint is not None:
             checkpoint(state(epoch))

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from kdcompress import tracking
+from kdcompress import distributed, tracking
 from kdcompress.checkpoint import load_weights, read_checkpoint
 from kdcompress.config import load_params
 from kdcompress.data import BatchLoader, Split
@@ -54,7 +54,7 @@ def setup(argv, description: str, **paths: str):
     args = parser(description, **paths).parse_args(argv)
     params = load_params(args.params)
     seed_everything(params["base"].seed, params["base"].num_threads)
-    return args, params, resolve_device(params["base"].device)
+    return args, params, distributed.init(resolve_device(params["base"].device))
 
 
 def build_model(arch: str, num_classes: int, in_channels: int) -> torch.nn.Module:
@@ -91,6 +91,6 @@ def resume_point(path: str, stage_name: str, params: dict, sections: tuple[str, 
     used = {k: dataclasses.asdict(params[k]) if dataclasses.is_dataclass(params[k]) else params[k] for k in sections}
     point = ResumePoint(path, run_key(stage_name, used, inputs))
     state = point.load()
-    if point.stale_run_id:
+    if point.stale_run_id and distributed.is_main():
         tracking.mark_killed(point.stale_run_id)
     return point, state

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from kdcompress import figures, tracking
+from kdcompress import distributed, figures, tracking
 from kdcompress.checkpoint import save_checkpoint
 from kdcompress.data import load_prepared
 from kdcompress.distiller import Distiller
@@ -37,6 +37,11 @@ def main(argv=None):
     if loss is None and (cfg.ce_weight is not None or cfg.kd_weight is not None):
         raise UserError("distill.ce_weight / distill.kd_weight: method 'ce' trains on cross-entropy alone; "
                         "allowed: null (or pick a distillation method)")
+    world = distributed.world()[1]
+    if world > 1 and (cfg.sampling == "sakd" or cfg.method in ("crd", "data_free")):
+        what = "sampling 'sakd'" if cfg.sampling == "sakd" else f"method {cfg.method!r}"
+        raise UserError(f"base.nproc: {world} processes do not run {what} yet (its per-process state is not "
+                        "shared); allowed: base.nproc: 1")
     ort_teacher = use_ort_teacher(cfg.teacher_runtime, loss, device)
     data = load_prepared(args.data, splits=("train", "val"))
     meta = {"classes": data.classes, "input_shape": data.input_shape, "mean": data.mean, "std": data.std}
@@ -50,7 +55,7 @@ def main(argv=None):
     distiller = Distiller(student, teacher, loss, cfg.ce_weight, cfg.kd_weight, cfg.label_smoothing)
     runtime = f"{'onnxruntime' if isinstance(teacher, OrtTeacher) else 'torch'}-{device.type}"
     parts = loss.teacher_parts() if teacher is not None else None
-    if cfg.teacher_cache and TeacherCache.usable(parts):
+    if cfg.teacher_cache and TeacherCache.usable(parts) and world == 1:  # ranks would each store their share
         distiller.cache = for_run(args.teacher, args.data, len(data.train), parts, runtime, seed=seed,
                                   crop_padding=cfg.crop_padding, hflip=cfg.hflip)
     train = loader(data.train, meta, device, cfg.batch_size, crop_padding=cfg.crop_padding, hflip=cfg.hflip, seed=seed)
@@ -75,6 +80,9 @@ def main(argv=None):
         logged["sakd"] = dataclasses.asdict(params["sakd"])
     point, resumed = resume_point(args.resume, "distill", params, ("base", "distill", "methods", "sakd"),
                                   [args.data, args.teacher] if teacher is not None else [args.data])
+    if not distributed.is_main():  # the other ranks train their share of every batch and write nothing
+        fit(distiller, train, val, selector, cfg, resume=resumed, precision=params["base"].precision)
+        return
     tags = {"kdcompress.method": cfg.method, "kdcompress.student": cfg.student, "kdcompress.sampling": cfg.sampling,
             "kdcompress.teacher_runtime": runtime.split("-")[0]}
     with tracking.start_run("student", f"{cfg.student}-{cfg.method}-{cfg.sampling}", tags,

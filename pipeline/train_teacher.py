@@ -4,12 +4,13 @@ user's own weights from ``teacher.checkpoint``."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 
 import torch
 
-from kdcompress import figures, tracking
+from kdcompress import distributed, figures, tracking
 from kdcompress.checkpoint import load_weights, read_checkpoint, save_checkpoint
 from kdcompress.data import load_prepared
 from kdcompress.distiller import Distiller
@@ -29,9 +30,18 @@ def main(argv=None):
     meta = {"classes": data.classes, "input_shape": data.input_shape, "mean": data.mean, "std": data.std}
     model = build_model(cfg.model, len(data.classes), data.input_shape[0])
     val = loader(data.val, meta, device, cfg.eval_batch_size)
-    history, point, resumed = [], None, None
+    model.to(device, memory_format=torch.channels_last)
+    history, point, teach, resumed = [], None, None, None
     if not cfg.checkpoint:
         point, resumed = resume_point(args.resume, "train_teacher", params, ("base", "teacher"), [args.data])
+        train = loader(data.train, meta, device, cfg.batch_size, crop_padding=cfg.crop_padding, hflip=cfg.hflip,
+                       seed=params["base"].seed)
+        teach = functools.partial(fit, Distiller(model, label_smoothing=cfg.label_smoothing), train, val,
+                                  FullData(len(train)), cfg, resume=resumed, precision=params["base"].precision)
+    if not distributed.is_main():  # the other ranks train their share of every batch and write nothing
+        if teach is not None:
+            teach()
+        return
     with tracking.start_run("teacher", f"teacher-{cfg.model}", run_id=resumed and resumed["mlflow_run_id"]) as run:
         tracking.log_params({"teacher": dataclasses.asdict(cfg), "data": dataclasses.asdict(params["data"]),
                              "base": dataclasses.asdict(params["base"])})
@@ -40,18 +50,12 @@ def main(argv=None):
                 print(f"note: teacher.checkpoint {cfg.checkpoint} is outside weights/: `dvc repro` will not notice "
                       "when it changes")
             load_weights(model, read_checkpoint(cfg.checkpoint)["state_dict"], cfg.checkpoint)
-            model.to(device, memory_format=torch.channels_last)
             logits, labels = predict(model, val)
             best_epoch, val_acc = -1, (logits.argmax(1) == labels).float().mean().item()
             state, seconds = model.state_dict(), 0.0
         else:
-            model.to(device, memory_format=torch.channels_last)
-            train = loader(data.train, meta, device, cfg.batch_size, crop_padding=cfg.crop_padding, hflip=cfg.hflip,
-                           seed=params["base"].seed)
-            result = fit(Distiller(model, label_smoothing=cfg.label_smoothing), train, val, FullData(len(train)), cfg,
-                         callbacks=[tracking.log_epoch], resume=resumed,
-                         checkpoint=lambda state: point.save(state, mlflow_run_id=run.info.run_id),
-                         precision=params["base"].precision)
+            result = teach(callbacks=[tracking.log_epoch],
+                           checkpoint=lambda state: point.save(state, mlflow_run_id=run.info.run_id))
             state, best_epoch, val_acc, seconds, history = (result.best_state, result.best_epoch,
                                                             result.best_val_acc, result.seconds, result.history)
         save_checkpoint(args.out, cfg.model, len(data.classes), data.input_shape[0], state,

@@ -67,14 +67,17 @@ def covered(path: str, entries: list, folder_arg: bool = False) -> bool:
 
 def command_paths(cmd: str) -> dict[str, str]:
     words = shlex.split(cmd)
+    words = words[words.index("-m"):]  # the stage's own arguments, not torchrun's
     return {w[2:]: v for w, v in zip(words, words[1:]) if w.startswith("--") and w != "--params"}
 
 
 @pytest.mark.parametrize("name", sorted(DVC))
 def test_stage_depends_on_its_whole_import_closure(name):
     stage = DVC[name]
-    module = shlex.split(stage["cmd"])[2]
-    assert shlex.split(stage["cmd"])[:2] == ["python", "-m"] and module.startswith("pipeline.")
+    words = shlex.split(stage["cmd"])
+    assert words[0] in ("python", "torchrun") and "-m" in words  # python -m or torchrun [options] -m
+    module = words[words.index("-m") + 1]
+    assert module.startswith("pipeline.")
     missing = sorted(f for f in closure(module) if not covered(f, stage["deps"]))
     assert not missing, f"stage {name}: imports {missing} but does not depend on them"
 
