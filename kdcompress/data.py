@@ -136,6 +136,12 @@ class BatchLoader:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def view(self, batch_size: int) -> BatchLoader:
+        """A loader over the same tensors (no copy, on the same device), un-augmented, with its own
+        batch size."""
+        return BatchLoader(Split(self.images, self.labels), self.mean.flatten().tolist(), self.std.flatten().tolist(),
+                           self.device, batch_size=batch_size, seed=self.seed)
+
     def num_batches(self, n: int | None = None) -> int:
         n = len(self) if n is None else n
         return (n + self.batch_size - 1) // self.batch_size

@@ -79,3 +79,10 @@ def test_epoch_order_and_augmentation_are_pure_functions_of_seed_epoch_and_sampl
     assert all(torch.equal(xs[i], xa[i]) for i in xs)
     other_seed, _ = epoch(BatchLoader(s, [0.5], [0.25], batch_size=8, crop_padding=2, hflip=True, seed=4), 2)
     assert any(not torch.equal(other_seed[i], xa[i]) for i in xa)
+
+
+def test_view_shares_the_tensors():
+    loader = BatchLoader(make_split(20), [0.5], [0.25], batch_size=8, crop_padding=2, hflip=True, seed=3)
+    view = loader.view(5)
+    assert view.images.data_ptr() == loader.images.data_ptr() and view.labels.data_ptr() == loader.labels.data_ptr()
+    assert view.batch_size == 5 and view.crop_padding == 0 and not view.hflip and view.num_batches() == 4

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from kdcompress.config import SAKDConfig
-from kdcompress.data import BatchLoader, Split
+from kdcompress.data import BatchLoader
 from kdcompress.losses.kd import kl_per_sample
 from kdcompress.selection.base import SampleSelector
 from kdcompress.selection.dpp import greedy_dpp
@@ -123,9 +123,8 @@ class SAKDSelector(SampleSelector):
         self.temperature = float(temperature)
         self.alpha_rate = alpha_rate
         self.dpp_block = dpp_block
-        if batch_size is not None and batch_size != loader.batch_size:  # same tensors, own batch size
-            loader = BatchLoader(Split(loader.images, loader.labels), loader.mean.flatten().tolist(),
-                                 loader.std.flatten().tolist(), loader.device, batch_size=batch_size)
+        if batch_size is not None and batch_size != loader.batch_size:
+            loader = loader.view(batch_size)
         h, w = loader.images.shape[-2:]
         if cfg.shuffle == "patch" and (h // cfg.patch_size) * (w // cfg.patch_size) < 2:
             largest = max(p for p in range(1, max(h, w) + 1) if (h // p) * (w // p) >= 2)
