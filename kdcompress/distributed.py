@@ -58,6 +58,13 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank ``src``'s ``t`` on every rank, in place (same shape and dtype everywhere)."""
+    if world()[1] > 1:
+        dist.broadcast(t, src)
+    return t
+
+
 class GlobalBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the global batch across ranks (CPU and
     GPU); in a single process, or in eval mode, it is plain BatchNorm2d. Same parameters, buffers

@@ -38,10 +38,9 @@ def main(argv=None):
         raise UserError("distill.ce_weight / distill.kd_weight: method 'ce' trains on cross-entropy alone; "
                         "allowed: null (or pick a distillation method)")
     world = distributed.world()[1]
-    if world > 1 and (cfg.sampling == "sakd" or cfg.method in ("crd", "data_free")):
-        what = "sampling 'sakd'" if cfg.sampling == "sakd" else f"method {cfg.method!r}"
-        raise UserError(f"base.nproc: {world} processes do not run {what} yet (its per-process state is not "
-                        "shared); allowed: base.nproc: 1")
+    if world > 1 and cfg.method == "data_free":
+        raise UserError(f"base.nproc: {world} processes do not run method 'data_free' yet (every process would "
+                        "generate the same images); allowed: base.nproc: 1")
     ort_teacher = use_ort_teacher(cfg.teacher_runtime, loss, device)
     data = load_prepared(args.data, splits=("train", "val"))
     meta = {"classes": data.classes, "input_shape": data.input_shape, "mean": data.mean, "std": data.std}
@@ -70,7 +69,7 @@ def main(argv=None):
         pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))[:512]
         pass_teacher = teacher.int8(x.numpy() for x, _, _ in loader(data.train, meta, "cpu", 64).batches(pick))
     clean_cache = None  # SAKD's first difficulty pass sees clean images: the same for every run of a sweep
-    if cfg.sampling == "sakd" and cfg.teacher_cache:
+    if cfg.sampling == "sakd" and cfg.teacher_cache and world == 1:
         clean_cache = for_run(args.teacher, args.data, len(data.train), frozenset({"logits", "embedding"}),
                               runtime + ("-int8" if pass_teacher is not None else ""), clean=True)
     selector = build_selector(cfg.sampling, params["sakd"], distiller, train.view(cfg.batch_size),

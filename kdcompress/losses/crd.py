@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kdcompress import distributed
 from kdcompress.losses._features import EMBEDDING, linear, parse_spots, spot_vector
 from kdcompress.losses._params import check_param, non_negative, positive
 from kdcompress.losses.base import DistillLoss
@@ -81,14 +82,19 @@ class CRD(DistillLoss):
     def forward(self, student_out: ModelOutput, teacher_out: ModelOutput, target: torch.Tensor) -> torch.Tensor:
         z_s = F.normalize(self.head_s(spot_vector(student_out, self.spot, self.method, "spot")), dim=1)
         z_t = F.normalize(self.head_t(spot_vector(teacher_out, self.spot, self.method, "spot").detach()), dim=1)
-        keys_t, keys_s = z_t, z_s
+        offset, keys_t, keys_s = 0, z_t, z_s
+        if distributed.world()[1] > 1:  # the negatives of the global batch: every rank's rows, gradients kept
+            rank = distributed.world()[0]
+            offset = int((distributed.gather(torch.full((len(z_s),), rank, device=z_s.device)) < rank).sum())
+            keys_t, keys_s = distributed.gather(z_t), distributed.gather(z_s)
+        batch_t, batch_s = keys_t, keys_s
         if self.mode == "queue":
             n = int(self.queue_len)
-            keys_t = torch.cat([z_t, self.queue_t[:n].to(z_t.dtype)])
-            keys_s = torch.cat([z_s, self.queue_s[:n].to(z_s.dtype)])
-        positives = torch.arange(len(z_s), device=z_s.device)
+            keys_t = torch.cat([keys_t, self.queue_t[:n].to(z_t.dtype)])
+            keys_s = torch.cat([keys_s, self.queue_s[:n].to(z_s.dtype)])
+        positives = torch.arange(len(z_s), device=z_s.device) + offset
         loss_s = F.cross_entropy(z_s @ keys_t.t() / self.tau, positives, reduction="none")
         loss_t = F.cross_entropy(z_t @ keys_s.t() / self.tau, positives, reduction="none")
         if self.mode == "queue" and self.training:
-            self._enqueue(z_s, z_t)
+            self._enqueue(batch_s, batch_t)
         return self.weight * (loss_s + loss_t)

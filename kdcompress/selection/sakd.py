@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from kdcompress import distributed
 from kdcompress.config import SAKDConfig
 from kdcompress.data import BatchLoader
 from kdcompress.losses.kd import kl_per_sample
@@ -179,11 +180,13 @@ class SAKDSelector(SampleSelector):
         teacher_was_training = teacher.training
         student.eval()
         teacher.eval()
-        losses, feats = [], []
+        losses, feats, indices = [], [], []
+        rank, world = distributed.world()  # several processes: each scores its share, then all gather
         self.split = {"teacher_seconds": 0.0, "student_seconds": 0.0}
         try:
             with torch.inference_mode():
-                for x, _, idx in self.loader.batches(shuffle=False, augment=False, transform=transform):
+                for x, _, idx in self.loader.batches(shuffle=False, augment=False, transform=transform,
+                                                     shard=(rank, world)):
                     t0 = time.perf_counter()
                     t_out = cache.lookup(idx) if cache is not None else None
                     if t_out is None:
@@ -201,13 +204,18 @@ class SAKDSelector(SampleSelector):
                     if emb is None:  # no pooled embedding: pool the deepest feature map
                         emb = next(reversed(t_out.features.values())).float().mean(dim=(2, 3))
                     feats.append(emb.float().flatten(1))
+                    indices.append(idx)
         finally:
             student.train(was_training)
             teacher.train(teacher_was_training)
         if cache is not None:
             cache.end_epoch()
         # clone outside inference mode: these tensors meet autograd later (alpha * CE)
-        return torch.cat(losses).clone(), torch.cat(feats).clone()
+        loss, feat = torch.cat(losses).clone(), torch.cat(feats).clone()
+        if world > 1:
+            order = distributed.gather(torch.cat(indices).clone()).argsort()
+            loss, feat = distributed.gather(loss)[order], distributed.gather(feat)[order]
+        return loss, feat
 
     def run_round(self, epoch: int) -> None:
         self._sync()
@@ -236,7 +244,11 @@ class SAKDSelector(SampleSelector):
         t1 = time.perf_counter()
 
         f = torch.nn.functional.normalize(self.features, dim=1)
-        order = greedy_dpp(f, s_hat, self.k, cfg.gamma, cfg.sigma, block=self.dpp_block)
+        if distributed.is_main():  # one DPP, broadcast to the other processes
+            order = greedy_dpp(f, s_hat, self.k, cfg.gamma, cfg.sigma, block=self.dpp_block)
+        else:
+            order = torch.empty(self.k, dtype=torch.long, device=f.device)
+        distributed.broadcast(order)
         self._sync()
         t2 = time.perf_counter()
 
