@@ -131,7 +131,7 @@ class SAKDConfig:
     sigma: float = _opt(0.1, lo=0.0, lo_open=True)
     shuffle: str = _opt("patch", choices=("pixel", "patch"))
     patch_size: int = _opt(14, lo=1)  # 4x4 patches destroy the teacher signal on 28x28 (measured)
-    alpha_rate: str = _opt("beta_raw", choices=("beta_raw", "beta"))  # the rate in the alpha update
+    alpha_rate: str = _opt("beta_raw", choices=("beta_raw", "beta", "one"))  # the rate in the alpha update
     pass_teacher: str = _opt("same", choices=("same", "int8"))  # who runs the difficulty pass
 
 

@@ -144,6 +144,22 @@ def test_later_rounds_follow_the_update_rules(tiny_loaders, monkeypatch):
     assert sel.omega.sum().item() == 3 * sel.k
 
 
+@pytest.mark.parametrize("rate", ["beta", "one"])
+def test_alpha_rate_choices(tiny_loaders, monkeypatch, rate):
+    """The rate in alpha = lambda alpha + (1 - lambda) rate s_hat: beta (capped at eta) or 1."""
+    train, _ = tiny_loaders
+    sel = make_selector(train, epochs=4, momentum=0.1, eps=1.0, alpha_rate=rate, eta=0.2)
+    n = len(train)
+    g = torch.Generator().manual_seed(5)
+    passes = [(torch.rand(n, generator=g) + 0.1, torch.randn(n, 3, generator=g)) for _ in range(2)]
+    monkeypatch.setattr(sel, "difficulty_pass", lambda transform, clean: passes.pop(0))
+    sel.select(0)
+    alpha0 = sel.alpha.clone()
+    sel.select(1)  # beta_raw = 1 - 0.75^0.9 = 0.228 > eta = 0.2: beta = 0.2
+    expected = {"beta": 0.2, "one": 1.0}[rate]
+    torch.testing.assert_close(sel.alpha, 0.1 * alpha0 + 0.9 * expected * sel.s_hat, atol=1e-6, rtol=1e-5)
+
+
 def test_select_runs_rounds_every_interval(tiny_loaders):
     train, _ = tiny_loaders
     sel = make_selector(train, epochs=6, interval=3)

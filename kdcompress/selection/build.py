@@ -27,5 +27,5 @@ def build_selector(sampling: str, sakd: SAKDConfig, distiller: nn.Module, loader
         if temperature is None:
             temperature = float(getattr(distiller.loss, "temperature", 4.0))
         return SAKDSelector(sakd, distiller, loader, epochs=epochs, temperature=temperature, seed=seed,
-                            alpha_rate=sakd.alpha_rate, pass_teacher=pass_teacher, clean_cache=clean_cache)
+                            pass_teacher=pass_teacher, clean_cache=clean_cache)
     raise UserError(f"distill.sampling: {sampling!r} is not allowed; allowed: {', '.join(SAMPLINGS)}")

@@ -16,7 +16,8 @@ Every ``interval`` epochs (0-based epochs ``n`` with ``n % interval == 0``) one 
    ``f = F``, later ``f = 0.1 f + 0.9 F`` (dropout regime) or unchanged (shuffle regime). The stored
    ``f`` is the fused, un-normalised feature; the DPP gets its L2-normalised rows.
 5. ``alpha = s_hat`` at the first round, later ``alpha = lambda alpha + (1 - lambda) rate s_hat`` with
-   ``rate = beta_raw`` (default) or ``beta`` (``alpha_rate``).
+   ``rate = beta_raw`` (default), ``beta``, or 1 (``alpha_rate: one``, our variant: without the
+   interruption factor alpha follows s_hat instead of shrinking with beta_raw early in training).
 6. ``k = round(r N)`` samples by the greedy MAP of the quality–diversity DPP (``dpp.greedy_dpp``).
 7. ``omega += 1`` for the selected samples.
 
@@ -104,16 +105,14 @@ class SAKDSelector(SampleSelector):
     ``batch_size``: of the difficulty pass (default: the loader's). ``pass_teacher``: who runs the
     pass (default: the distiller's teacher, on a CPU the onnxruntime one; the int8 twin of that
     halves the pass's teacher time). ``clean_cache``: a ``TeacherCache`` for the pass's teacher
-    outputs on clean images (the first round's, where nothing is interrupted). ``alpha_rate``: "beta_raw" (default) or
-    "beta", the rate in the alpha update (SAKD.md step 5 choice). ``dpp_block``: speed knob of the DPP.
+    outputs on clean images (the first round's, where nothing is interrupted). The rate in the alpha
+    update is ``cfg.alpha_rate`` (SAKD.md step 5 choice). ``dpp_block``: speed knob of the DPP.
     """
 
     def __init__(self, cfg: SAKDConfig, distiller: nn.Module, loader: BatchLoader, epochs: int,
                  temperature: float = 4.0, seed: int = 0, *, batch_size: int | None = None,
-                 num_classes: int | None = None, alpha_rate: str = "beta_raw", dpp_block: int = 512,
+                 num_classes: int | None = None, dpp_block: int = 512,
                  pass_teacher: nn.Module | None = None, clean_cache: TeacherCache | None = None):
-        if alpha_rate not in ("beta_raw", "beta"):
-            raise UserError(f"sakd alpha_rate: {alpha_rate!r} is not allowed; allowed: beta_raw, beta")
         if getattr(distiller, "teacher", None) is None:
             raise UserError("distill.sampling: sakd needs a teacher, the distiller has none (method 'ce'?)")
         self.cfg = cfg
@@ -122,7 +121,7 @@ class SAKDSelector(SampleSelector):
         self.clean_cache = clean_cache
         self.epochs = int(epochs)
         self.temperature = float(temperature)
-        self.alpha_rate = alpha_rate
+        self.alpha_rate = cfg.alpha_rate
         self.dpp_block = dpp_block
         if batch_size is not None and batch_size != loader.batch_size:
             loader = loader.view(batch_size)
@@ -237,7 +236,7 @@ class SAKDSelector(SampleSelector):
         elif regime == "dropout":
             self.features = FEATURE_MOMENTUM * self.features + (1 - FEATURE_MOMENTUM) * feat
         first = self.rounds == 0
-        rate = beta_raw if self.alpha_rate == "beta_raw" else beta
+        rate = {"beta_raw": beta_raw, "beta": beta, "one": 1.0}[self.alpha_rate]
         self.alpha = s_hat.clone() if first else cfg.momentum * self.alpha + (1 - cfg.momentum) * rate * s_hat
         self.s_hat = s_hat
         self._sync()
