@@ -6,7 +6,8 @@ pinned teacher, without the teacher cache (every run pays its teacher forwards: 
 Configs: I=5 and I=1 (rounds every 5 epochs / every epoch), I=5 with the difficulty pass on the
 teacher's int8 twin, I=1 with beta instead of beta_raw as the rate of the alpha update (the two
 differ only in rounds where beta_raw > eta, which I=5 over 10 epochs never reaches), and I=5 with
-rate 1 (alpha follows s_hat without the interruption factor). Needs
+rate 1 (alpha follows s_hat without the interruption factor); and full-data KD over half the
+epochs, which takes as many optimizer steps as SAKD with r = 0.5 (what fewer steps alone cost). Needs
 `dvc repro prepare` first. Prints and writes benchmarks/results/sakd_<method>.{json,md}: test
 accuracy (mean ± std), ECE, distill wall time and its ratio to full-data KD, the selection round's
 time as a fraction of one full-data epoch and its split (teacher, student, DPP), and the mean alpha
@@ -25,6 +26,7 @@ from kdcompress.io import atomic_write
 SAKD = {"distill.sampling": "sakd", "sakd.ratio": 0.5, "sakd.interval": 5}
 CONFIGS = {
     "full": {"distill.sampling": "full"},
+    "full_5_epochs": {"distill.sampling": "full", "distill.epochs": 5},  # as many steps as r = 0.5 over 10
     "sakd_r0.5_I5": SAKD,
     "sakd_r0.5_I5_int8pass": {**SAKD, "sakd.pass_teacher": "int8"},
     "sakd_r0.5_I1": {**SAKD, "sakd.interval": 1},
