@@ -342,6 +342,6 @@ def load_source(cfg: DataConfig) -> RawDataset:
         raise UserError(f"data.dataset: {cfg.dataset!r} has no reader; allowed: {', '.join(sorted(READERS))}")
     raw = READERS[cfg.dataset](cfg)
     if cfg.image_size:
-        raw.train_images, raw.test_images = resize(raw.train_images, cfg.image_size), resize(raw.test_images,
-                                                                                            cfg.image_size)
+        raw.train_images = resize(raw.train_images, cfg.image_size)
+        raw.test_images = resize(raw.test_images, cfg.image_size)
     return raw

@@ -99,7 +99,8 @@ class Distiller(nn.Module):
         else:
             t = self.teacher_output(x, index)
             if self.loss.batch_level and distributed.world()[1] > 1:  # the loss of the global batch
-                kd = self.loss(gather_output(s), gather_output(t), distributed.gather(y))[:len(y)]
+                sizes = distributed.batch_sizes(len(y), y.device)
+                kd = self.loss(gather_output(s, sizes), gather_output(t, sizes), distributed.gather(y, sizes))[:len(y)]
             else:
                 kd = self.loss(s, t, y)
             if alpha is None:
@@ -115,8 +116,8 @@ class Distiller(nn.Module):
             self.loss.after_step(self.student)
 
 
-def gather_output(out: ModelOutput) -> ModelOutput:
+def gather_output(out: ModelOutput, sizes: list[int]) -> ModelOutput:
     """A ``ModelOutput`` of the global batch (every rank's rows, gradients kept)."""
-    return ModelOutput(logits=distributed.gather(out.logits),
-                       features={k: distributed.gather(v) for k, v in out.features.items()},
-                       embedding=None if out.embedding is None else distributed.gather(out.embedding))
+    return ModelOutput(logits=distributed.gather(out.logits, sizes),
+                       features={k: distributed.gather(v, sizes) for k, v in out.features.items()},
+                       embedding=None if out.embedding is None else distributed.gather(out.embedding, sizes))

@@ -40,12 +40,18 @@ def init(device: torch.device) -> torch.device:
     return device
 
 
-def gather(t: torch.Tensor) -> torch.Tensor:
+def batch_sizes(n: int, device: torch.device) -> list[int]:
+    """Every rank's ``n`` (its share of the batch), in rank order."""
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world()[1])]
+    dist.all_gather(sizes, torch.tensor([n], device=device))
+    return [int(s) for s in sizes]
+
+
+def gather(t: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
     """``t`` of every rank concatenated along dim 0 in rank order, with gradients flowing back to
-    each rank's own part; ranks may hold different batch sizes."""
-    sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(world()[1])]
-    dist.all_gather(sizes, torch.tensor([len(t)], device=t.device))
-    sizes = [int(s) for s in sizes]
+    each rank's own part; ranks may hold different batch sizes (``sizes``: ``batch_sizes``, when
+    the caller already has them)."""
+    sizes = batch_sizes(len(t), t.device) if sizes is None else sizes
     padded = torch.cat([t, t.new_zeros(max(sizes) - len(t), *t.shape[1:])]) if len(t) < max(sizes) else t
     parts = dist_nn.all_gather(padded)
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])

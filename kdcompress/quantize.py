@@ -14,12 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from kdcompress.data import BatchLoader
 from kdcompress.export import INPUT_NAME, save_onnx, set_metadata
 
+CALIBRATION_SAMPLES = 512  # images: the default of quantize.samples, and the SAKD pass's int8 teacher
 CALIBRATIONS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                 "percentile": CalibrationMethod.Percentile}
 
@@ -37,6 +40,13 @@ class _Batches(CalibrationDataReader):
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self._batches, None)
         return None if batch is None else {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
+
+
+def calibration_batches(loader: BatchLoader, samples: int, seed: int) -> Iterator[np.ndarray]:
+    """A seeded sample of ``samples`` images of ``loader``'s split (the training split, never test),
+    as normalised float batches of the loader's batch size."""
+    pick = torch.randperm(len(loader), generator=torch.Generator().manual_seed(seed))[:samples]
+    return (x.cpu().numpy() for x, _, _ in loader.batches(pick))
 
 
 def quantize(fp32_path: str | Path, out_path: str | Path, calibration: Iterable[np.ndarray], method: str,

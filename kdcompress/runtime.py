@@ -14,7 +14,9 @@ def resolve_device(name: str) -> torch.device:
     """``base.device``; on CUDA, cuDNN picks the fastest kernels for the fixed batch shapes."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("base.device: 'cuda' asked for but no CUDA device is available; allowed here: auto, cpu")
-    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return device

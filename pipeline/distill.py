@@ -15,6 +15,7 @@ from kdcompress.distiller import Distiller
 from kdcompress.io import write_csv, write_json
 from kdcompress.losses import build_loss, check_methods
 from kdcompress.ort_teacher import OrtTeacher, use_ort_teacher
+from kdcompress.quantize import CALIBRATION_SAMPLES, calibration_batches
 from kdcompress.selection.build import build_selector
 from kdcompress.teacher_cache import TeacherCache, for_run
 from kdcompress.train import fit
@@ -66,8 +67,7 @@ def main(argv=None):
         if not isinstance(teacher, OrtTeacher):
             raise UserError("sakd.pass_teacher: 'int8' runs the onnxruntime teacher quantized, and this run's teacher "
                             "is PyTorch (CUDA or distill.teacher_runtime: torch); allowed here: same")
-        pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))[:512]
-        pass_teacher = teacher.int8(x.numpy() for x, _, _ in loader(data.train, meta, "cpu", 64).batches(pick))
+        pass_teacher = teacher.int8(calibration_batches(train.view(64), CALIBRATION_SAMPLES, seed))
     clean_cache = None  # SAKD's first difficulty pass sees clean images: the same for every run of a sweep
     if cfg.sampling == "sakd" and cfg.teacher_cache and world == 1:
         clean_cache = for_run(args.teacher, args.data, len(data.train), frozenset({"logits", "embedding"}),

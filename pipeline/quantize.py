@@ -4,13 +4,11 @@ the gate is written for inspection; the ship stage never ships it."""
 
 from __future__ import annotations
 
-import torch
-
 from kdcompress import tracking
 from kdcompress.data import load_prepared
 from kdcompress.export import METADATA_KEYS, ort_predict, read_metadata
 from kdcompress.io import write_json
-from kdcompress.quantize import gate, int8_path, quantize
+from kdcompress.quantize import calibration_batches, gate, int8_path, quantize
 from pipeline._common import loader, setup, stage
 
 
@@ -24,16 +22,15 @@ def main(argv=None):
         read_metadata(path, METADATA_KEYS)
     data = load_prepared(args.data, splits=("train", "test"))
     meta = {"mean": data.mean, "std": data.std}
-    pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))[:cfg.samples]
     calibration = loader(data.train, meta, "cpu", 64)
     test = [x.numpy() for x, _, _ in loader(data.test, meta, "cpu", 1024).batches()]
     labels = data.test.labels.numpy()
     report = {}
     for role, fp32 in paths.items():
-        int8 = quantize(fp32, int8_path(fp32), (x.numpy() for x, _, _ in calibration.batches(pick)),
+        int8 = quantize(fp32, int8_path(fp32), calibration_batches(calibration, cfg.samples, seed),
                         cfg.calibration, cfg.per_channel)
         report[role] = {**gate(ort_predict(fp32, test), ort_predict(int8, test), labels, cfg.max_drop),
-                        "calibration": cfg.calibration, "calibration_samples": len(pick),
+                        "calibration": cfg.calibration, "calibration_samples": min(cfg.samples, len(data.train)),
                         "per_channel": cfg.per_channel}
     write_json(args.metrics, report)
     with tracking.resume_run("student", args.student, "student"):

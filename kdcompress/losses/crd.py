@@ -84,9 +84,9 @@ class CRD(DistillLoss):
         z_t = F.normalize(self.head_t(spot_vector(teacher_out, self.spot, self.method, "spot").detach()), dim=1)
         offset, keys_t, keys_s = 0, z_t, z_s
         if distributed.world()[1] > 1:  # the negatives of the global batch: every rank's rows, gradients kept
-            rank = distributed.world()[0]
-            offset = int((distributed.gather(torch.full((len(z_s),), rank, device=z_s.device)) < rank).sum())
-            keys_t, keys_s = distributed.gather(z_t), distributed.gather(z_s)
+            sizes = distributed.batch_sizes(len(z_s), z_s.device)
+            offset = sum(sizes[:distributed.world()[0]])  # where this rank's rows sit in the global batch
+            keys_t, keys_s = distributed.gather(z_t, sizes), distributed.gather(z_s, sizes)
         batch_t, batch_s = keys_t, keys_s
         if self.mode == "queue":
             n = int(self.queue_len)

@@ -212,8 +212,9 @@ class SAKDSelector(SampleSelector):
         # clone outside inference mode: these tensors meet autograd later (alpha * CE)
         loss, feat = torch.cat(losses).clone(), torch.cat(feats).clone()
         if world > 1:
-            order = distributed.gather(torch.cat(indices).clone()).argsort()
-            loss, feat = distributed.gather(loss)[order], distributed.gather(feat)[order]
+            sizes = distributed.batch_sizes(len(loss), loss.device)
+            order = distributed.gather(torch.cat(indices).clone(), sizes).argsort()
+            loss, feat = distributed.gather(loss, sizes)[order], distributed.gather(feat, sizes)[order]
         return loss, feat
 
     def run_round(self, epoch: int) -> None:
