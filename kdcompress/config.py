@@ -117,6 +117,19 @@ class DistillConfig(TrainConfig):
     # auto: onnxruntime on CPU for methods that run the teacher forward only, else torch
     teacher_runtime: str = _opt("auto", choices=("auto", "torch", "onnxruntime"))
     teacher_cache: bool = True  # reuse stored teacher logits/embeddings across runs (kdcompress.teacher_cache)
+    spots: str = _opt("fixed", choices=("fixed", "adaptive"))  # adaptive: a policy routes each sample's spots
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """Spot-adaptive distillation (distill.spots: adaptive; kdcompress.routing)."""
+
+    temperature: float = _opt(5.0, lo=0.0, lo_open=True)  # of the hard Gumbel-softmax
+    classify_weight: float = _opt(2.0, lo=1.0)  # graft CE times this when worse than the student's, / when better
+    logit_weight: float = _opt(0.0, lo=0.0)  # logit KD gated by the output spot (0: the method's own terms only)
+    logit_temperature: float = _opt(4.0, lo=0.0, lo_open=True)
+    lr_scale: float = _opt(0.5, lo=0.0, lo_open=True)  # policy and adapters: distill's lr times this
+    weight_decay: float = _opt(1e-3, lo=0.0)
 
 
 @dataclass(frozen=True)
@@ -165,8 +178,8 @@ class BenchmarkConfig:
 
 SECTIONS = {
     "base": BaseConfig, "data": DataConfig, "teacher": TeacherConfig, "distill": DistillConfig,
-    "sakd": SAKDConfig, "evaluate": EvaluateConfig, "export": ExportConfig, "quantize": QuantizeConfig,
-    "benchmark": BenchmarkConfig,
+    "sakd": SAKDConfig, "routing": RoutingConfig, "evaluate": EvaluateConfig, "export": ExportConfig,
+    "quantize": QuantizeConfig, "benchmark": BenchmarkConfig,
 }
 FREE_SECTIONS = ("methods",)  # method name -> its hyper-parameters, checked by losses.build_loss
 

@@ -12,7 +12,9 @@ from kdcompress import distributed
 from kdcompress.types import ModelOutput, StepOutput
 
 if TYPE_CHECKING:
+    from kdcompress.data import BatchLoader
     from kdcompress.losses.base import DistillLoss
+    from kdcompress.routing import SpotRouter
     from kdcompress.teacher_cache import TeacherCache
 
 
@@ -24,11 +26,14 @@ class Distiller(nn.Module):
     ``alpha`` (SAKD), it is ``2 * [(1 - alpha_i) * ce_weight * CE_i + alpha_i * kd_weight * KD_i]``,
     as in the SAKD authors' code: ``alpha = 0.5`` is exactly the base method, and batch-level
     losses use the batch mean of alpha for their KD term. With ``loss=None`` it is plain
-    cross-entropy: the teacher's own training and the ``ce`` baseline.
+    cross-entropy: the teacher's own training and the ``ce`` baseline. With a ``router``
+    (spot-adaptive distillation, kdcompress.routing), KD_i is the sum of the method's per-spot terms
+    that the router's policy gates for this sample.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, loss: DistillLoss | None = None,
-                 ce_weight: float | None = None, kd_weight: float | None = None, label_smoothing: float = 0.0):
+                 ce_weight: float | None = None, kd_weight: float | None = None, label_smoothing: float = 0.0,
+                 router: SpotRouter | None = None):
         super().__init__()
         self.student = student
         self.teacher = teacher
@@ -38,6 +43,7 @@ class Distiller(nn.Module):
         self.kd_weight = defaults[1] if kd_weight is None else kd_weight
         self.label_smoothing = label_smoothing
         self.cache: TeacherCache | None = None  # stored teacher outputs, used when forward() gets the indices
+        self.router = router  # trained by its own optimizer, never by fit()'s
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
@@ -64,7 +70,10 @@ class Distiller(nn.Module):
             return
         was_training = self.student.training
         self.student.eval()
-        self.loss.setup(self.student.extract(x), self.loss.teacher_forward(self.teacher, x))
+        s, t = self.student.extract(x), self.loss.teacher_forward(self.teacher, x)
+        self.loss.setup(s, t)
+        if self.router is not None:
+            self.router.setup(self.student, self.teacher, s, t)
         self.student.train(was_training)
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
@@ -72,10 +81,21 @@ class Distiller(nn.Module):
             self.loss.on_epoch_start(epoch, epochs)
         if self.cache is not None:
             self.cache.begin_epoch(epoch)
+        if self.router is not None:
+            self.router.begin_epoch()
 
     def on_epoch_end(self) -> None:
         if self.cache is not None:
             self.cache.end_epoch()
+
+    def epoch_metrics(self, val: BatchLoader) -> dict[str, float]:
+        """Metrics of the epoch beyond the loop's own (spot routing rates, graft accuracy)."""
+        return {} if self.router is None else self.router.epoch_metrics(self.student, self.teacher, val)
+
+    def auxiliary_param_groups(self) -> list[dict]:
+        """Parameter groups of optimizers other than fit()'s; fit() sets their ``lr`` to its own
+        times their ``lr_scale``."""
+        return [] if self.router is None else self.router.optimizer.param_groups
 
     def teacher_output(self, x: torch.Tensor, index: torch.Tensor | None):
         """The teacher's output on batch ``x`` (dataset indices ``index``): from the cache when it
@@ -98,7 +118,9 @@ class Distiller(nn.Module):
             per_sample = ce
         else:
             t = self.teacher_output(x, index)
-            if self.loss.batch_level and distributed.world()[1] > 1:  # the loss of the global batch
+            if self.router is not None:
+                kd = self.router.distil(self.loss, self.student, self.teacher, s, t, y)
+            elif self.loss.batch_level and distributed.world()[1] > 1:  # the loss of the global batch
                 sizes = distributed.batch_sizes(len(y), y.device)
                 kd = self.loss(gather_output(s, sizes), gather_output(t, sizes), distributed.gather(y, sizes))[:len(y)]
             else:

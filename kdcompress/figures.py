@@ -62,3 +62,23 @@ def training_curves(history: list[dict], title: str):
     right.legend()
     fig.suptitle(title)
     return fig
+
+
+def spot_routing(history: list[dict], title: str):
+    """Spot-adaptive distillation per epoch: the fraction of samples routed to the teacher at each
+    spot (left) and the grafted network's val accuracy beside the student's (right). Empty panels
+    with fixed spots, where every sample is distilled at every spot."""
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2))
+    for key in [k for k in (history[0] if history else {}) if k.startswith("routed_")]:
+        left.plot(epochs, [h[key] for h in history], marker="o", markersize=3, label=key.removeprefix("routed_"))
+    left.set(xlabel="epoch", ylabel="fraction distilled", ylim=(0, 1.05))
+    for key in ("graft_val_acc", "val_acc"):
+        if history and key in history[0] and "graft_val_acc" in history[0]:
+            right.plot(epochs, [h[key] for h in history], marker="o", markersize=3, label=key)
+    right.set(xlabel="epoch", ylabel="accuracy")
+    for ax in (left, right):
+        if ax.lines:
+            ax.legend()
+    fig.suptitle(title)
+    return fig

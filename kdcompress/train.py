@@ -97,6 +97,8 @@ def fit(distiller: Distiller, train: BatchLoader, val: BatchLoader, selector: Sa
         student.load_state_dict(resume["student"])
         if distiller.loss is not None:
             distiller.loss.load_state_dict(resume["loss"])
+        if distiller.router is not None:
+            distiller.router.load_state_dict(resume["router"])
         optimizer.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
         selector.load_state_dict(resume["selector"])
@@ -108,6 +110,7 @@ def fit(distiller: Distiller, train: BatchLoader, val: BatchLoader, selector: Sa
         return {**to_cpu({
             "student": student.state_dict(),
             "loss": distiller.loss.state_dict() if distiller.loss is not None else {},
+            "router": distiller.router.state_dict() if distiller.router is not None else {},
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "selector": selector.state_dict(),
             "epoch": epoch,
             "best_val_acc": best_acc, "best_epoch": best_epoch, "best_state": best_state, "history": history,
@@ -127,8 +130,9 @@ def fit(distiller: Distiller, train: BatchLoader, val: BatchLoader, selector: Sa
         bar = tqdm(train.batches(indices, shuffle=True, augment=True, epoch=epoch, shard=(rank, world)),
                    total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
         for i, (x, y, idx) in enumerate(bar):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(cfg, (epoch + i / n_batches) / cfg.epochs)
+            lr = lr_at(cfg, (epoch + i / n_batches) / cfg.epochs)
+            for group in optimizer.param_groups + distiller.auxiliary_param_groups():
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             with autocast(device, precision):
                 out = model(x, y, selector.weights(idx), idx)
             # this rank's share of the global batch mean: DDP's average over ranks makes it whole
@@ -151,7 +155,8 @@ def fit(distiller: Distiller, train: BatchLoader, val: BatchLoader, selector: Sa
         val_acc = (val_logits.argmax(1) == val_labels).float().mean().item()
         metrics = {"train_loss": total_loss.item() / max(seen, 1), "train_acc": correct.item() / max(seen, 1),
                    "val_acc": val_acc,
-                   "lr": optimizer.param_groups[0]["lr"], "samples": seen, "epoch_seconds": train_seconds}
+                   "lr": optimizer.param_groups[0]["lr"], "samples": seen, "epoch_seconds": train_seconds,
+                   **distiller.epoch_metrics(val)}
         if len(selector.history) > rounds_before:
             metrics.update({f"selection_{k}": v for k, v in selector.history[-1].items()
                             if isinstance(v, (int, float))})

@@ -4,14 +4,16 @@
 
 Built by ``torchvision.models.get_model(name, weights=None, num_classes=...)``: never a download.
 The first convolution is rebuilt for the data's channels. ``extract`` keeps the ``Classifier``
-contract through ``torchvision.models.feature_extraction``:
+contract through ``torchvision.models.feature_extraction``, and the traced graph is split at the
+stage outputs (``torch.fx``) so that ``run`` goes from one boundary to the next as for our own nets:
 
 - stages: among the model's top-level blocks (and the blocks of its ``features`` or
   ``trunk_output`` container), the last one at each spatial resolution of a 64-px probe; the
   deepest four are ``stage1``..``stage4`` (fewer if the model has fewer);
 - embedding: the global average pool of the last stage, which is what feeds the classifier of
   every model family above (ResNet, MobileNet, EfficientNet, ShuffleNet, RegNet);
-- logits: the model's own output.
+- logits: the model's own head applied to the embedding as a 1x1 map (its global pool of a 1x1
+  map changes nothing); checked against the unsplit model at construction.
 
 The parameter names are torchvision's own, so a torchvision ``state_dict`` whose classifier was
 replaced for your classes loads as ``teacher.checkpoint`` (README: Models).
@@ -22,8 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kdcompress.types import ModelOutput
-from models.base import Classifier
+from models.base import EMBEDDING, LOGITS, Classifier
 
 CONTAINERS = ("features", "trunk_output")  # Sequential of blocks whose outputs are stage candidates
 PROBE = 64  # px: every family above downsamples 32x, so each stage still has its own resolution
@@ -66,6 +67,7 @@ class TorchvisionNet(Classifier):
     def __init__(self, name: str, num_classes: int, in_channels: int):
         nn.Module.__init__(self)
         import torchvision
+        from torch.fx.passes.split_module import split_module
         from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
         net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
@@ -79,14 +81,36 @@ class TorchvisionNet(Classifier):
         graph = create_feature_extractor(net.train(), return_nodes=nodes)
         for child_name, child in graph.named_children():  # torchvision's parameter names, no prefix
             self.add_module(child_name, child)
-        object.__setattr__(self, "graph", graph)  # runs the shared modules; not a second registration
+        # one segment per stage (input -> stage1, stage1 -> stage2, ...) and the head; they run the
+        # shared modules and are not a second registration
+        returned = next(n for n in graph.graph.nodes if n.op == "output").args[0]
+        ends, part, current = {v.name for k, v in returned.items() if k != "logits"}, {}, 0
+        for node in graph.graph.nodes:
+            if node.op not in ("placeholder", "output"):
+                part[node.name] = current
+                current += node.name in ends
+        split = dict(split_module(graph, net, lambda node: part[node.name]).named_children())
+        segments = [split[f"submod_{i}"] for i in range(len(ends) + 1)]
+        object.__setattr__(self, "segments", dict(zip([*(f"stage{i + 1}" for i in range(len(ends))), LOGITS],
+                                                      segments)))
+        with torch.no_grad():
+            probe = torch.randn(2, in_channels, PROBE, PROBE)
+            if not torch.allclose(self.eval().extract(probe).logits, graph.eval()(probe)["logits"], atol=1e-4):
+                raise ValueError(f"tv:{name}: its head is not a global pool and a classifier, which stage-wise "
+                                 "runs need; allowed: ResNet, MobileNet, EfficientNet, ShuffleNet, RegNet families")
+        self.train()
 
-    def extract(self, x: torch.Tensor) -> ModelOutput:
-        out = self.graph(x)
-        features = {k: v for k, v in out.items() if k != "logits"}
-        last = next(reversed(features.values()))
-        embedding = torch.flatten(nn.functional.adaptive_avg_pool2d(last, 1), 1)
-        return ModelOutput(logits=out["logits"], features=features, embedding=embedding)
+    def boundaries(self) -> list[str]:
+        return [*self.segments][:-1] + [EMBEDDING, LOGITS]
+
+    def step(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if name == EMBEDDING:
+            return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        out = self.segments[name](x[:, :, None, None] if name == LOGITS else x)
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"{name}: a segment reads more than the boundary before it; stage-wise runs need a chain "
+                             "of blocks")
+        return out
 
 
 def torchvision_model(num_classes: int, in_channels: int, name: str = "") -> TorchvisionNet:

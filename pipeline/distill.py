@@ -1,5 +1,6 @@
-"""Stage 3: distil the student: Distiller (student + frozen teacher + the chosen KD loss) and a
-sample selector (all samples, or SAKD), trained by the shared fit() loop."""
+"""Stage 3: distil the student: Distiller (student + frozen teacher + the chosen KD loss, with
+fixed or spot-adaptive spots) and a sample selector (all samples, or SAKD), trained by the shared
+fit() loop."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from kdcompress.io import write_csv, write_json
 from kdcompress.losses import build_loss, check_methods
 from kdcompress.ort_teacher import OrtTeacher, use_ort_teacher
 from kdcompress.quantize import CALIBRATION_SAMPLES, calibration_batches
+from kdcompress.routing import SpotRouter
 from kdcompress.selection.build import build_selector
 from kdcompress.teacher_cache import TeacherCache, for_run
 from kdcompress.train import fit
@@ -28,7 +30,8 @@ def main(argv=None):
     args, params, device = setup(argv, "distill", data="artifacts/data", teacher="artifacts/teacher/teacher.pt",
                                  out="artifacts/student/student.pt", resume="artifacts/resume/distill.pt",
                                  metrics="artifacts/metrics/distill.json", plots="artifacts/plots/distill_history.csv",
-                                 rounds="artifacts/plots/selection_rounds.csv")
+                                 rounds="artifacts/plots/selection_rounds.csv",
+                                 routing="artifacts/plots/spot_routing.csv")
     cfg, seed = params["distill"], params["base"].seed
     check_methods(params["methods"])
     loss = build_loss(cfg.method, params["methods"].get(cfg.method))
@@ -42,7 +45,19 @@ def main(argv=None):
     if world > 1 and cfg.method == "data_free":
         raise UserError(f"base.nproc: {world} processes do not run method 'data_free' yet (every process would "
                         "generate the same images); allowed: base.nproc: 1")
-    ort_teacher = use_ort_teacher(cfg.teacher_runtime, loss, device)
+    router = None
+    if cfg.spots == "adaptive":
+        if loss is None:
+            raise UserError("distill.spots: 'adaptive' routes the spots of a feature method, and method 'ce' has "
+                            "none; allowed: fixed")
+        router = SpotRouter(loss, params["routing"])
+        if world > 1:
+            raise UserError(f"base.nproc: {world} processes do not run distill.spots 'adaptive' yet (its policy "
+                            "trains outside DDP); allowed: base.nproc: 1")
+        if cfg.teacher_runtime == "onnxruntime":
+            raise UserError("distill.teacher_runtime: 'onnxruntime' cannot run the teacher stage by stage, which "
+                            "distill.spots 'adaptive' needs; allowed: auto, torch")
+    ort_teacher = router is None and use_ort_teacher(cfg.teacher_runtime, loss, device)
     data = load_prepared(args.data, splits=("train", "val"))
     meta = {"classes": data.classes, "input_shape": data.input_shape, "mean": data.mean, "std": data.std}
     student = build_model(cfg.student, len(data.classes), data.input_shape[0])
@@ -52,9 +67,11 @@ def main(argv=None):
         teacher = load_model(args.teacher, device, data)
         if ort_teacher:
             teacher = OrtTeacher(teacher, data.input_shape)
-    distiller = Distiller(student, teacher, loss, cfg.ce_weight, cfg.kd_weight, cfg.label_smoothing)
+    distiller = Distiller(student, teacher, loss, cfg.ce_weight, cfg.kd_weight, cfg.label_smoothing, router)
     runtime = f"{'onnxruntime' if isinstance(teacher, OrtTeacher) else 'torch'}-{device.type}"
     parts = loss.teacher_parts() if teacher is not None else None
+    if router is not None:
+        parts |= router.teacher_parts()
     if cfg.teacher_cache and TeacherCache.usable(parts) and world == 1:  # ranks would each store their share
         distiller.cache = for_run(args.teacher, args.data, len(data.train), parts, runtime, seed=seed,
                                   crop_padding=cfg.crop_padding, hflip=cfg.hflip)
@@ -78,13 +95,15 @@ def main(argv=None):
               f"methods.{cfg.method}": params["methods"].get(cfg.method, {})}
     if cfg.sampling == "sakd":
         logged["sakd"] = dataclasses.asdict(params["sakd"])
-    point, resumed = resume_point(args.resume, "distill", params, ("base", "distill", "methods", "sakd"),
+    if router is not None:
+        logged["routing"] = dataclasses.asdict(params["routing"])
+    point, resumed = resume_point(args.resume, "distill", params, ("base", "distill", "methods", "sakd", "routing"),
                                   [args.data, args.teacher] if teacher is not None else [args.data])
     if not distributed.is_main():  # the other ranks train their share of every batch and write nothing
         fit(distiller, train, val, selector, cfg, resume=resumed, precision=params["base"].precision)
         return
     tags = {"kdcompress.method": cfg.method, "kdcompress.student": cfg.student, "kdcompress.sampling": cfg.sampling,
-            "kdcompress.teacher_runtime": runtime.split("-")[0]}
+            "kdcompress.spots": cfg.spots, "kdcompress.teacher_runtime": runtime.split("-")[0]}
     with tracking.start_run("student", f"{cfg.student}-{cfg.method}-{cfg.sampling}", tags,
                             run_id=resumed and resumed["mlflow_run_id"]) as run:
         tracking.log_params(logged)
@@ -106,6 +125,15 @@ def main(argv=None):
         write_csv(args.rounds, selector.history or [{"epoch": None}])
         if selector.history:
             tracking.log_artifact(args.rounds)
+        routing = [{k: v for k, v in h.items() if k in ("epoch", "val_acc") or k.startswith(("routed_", "graft_"))}
+                   for h in result.history] if router is not None else []
+        write_csv(args.routing, routing or [{"epoch": None}])
+        figure = figures.spot_routing(routing, f"{cfg.student} student ({cfg.method}, {cfg.spots} spots)")
+        if router is not None:
+            tracking.log_figure(figure, "spot_routing.png", Path(args.routing).with_suffix(".png"))
+            tracking.log_artifact(args.routing)
+        else:  # the DVC plot exists for every run; MLflow shows it where there is routing
+            figures.save(figure, Path(args.routing).with_suffix(".png"))
     write_json(args.metrics, summary)
     write_csv(args.plots, result.history, columns=["epoch", "train_loss", "train_acc", "val_acc", "lr", "samples",
                                                    "epoch_seconds"])

@@ -17,12 +17,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from kdcompress.data import BatchLoader, Split  # noqa: E402
-from kdcompress.types import ModelOutput  # noqa: E402
+from models.base import Classifier  # noqa: E402
 
 torch.set_num_threads(1)
 
 
-class FakeNet(nn.Module):
+class FakeNet(Classifier):
     """Three conv stages (stage1..stage3, strides 1/2/2) + pooled embedding + linear head."""
 
     def __init__(self, num_classes: int = 4, in_channels: int = 1, width: int = 4):
@@ -34,17 +34,6 @@ class FakeNet(nn.Module):
             "stage3": nn.Sequential(nn.Conv2d(2 * width, 4 * width, 3, 2, 1), nn.BatchNorm2d(4 * width), nn.ReLU()),
         })
         self.head = nn.Linear(4 * width, num_classes)
-
-    def extract(self, x):
-        feats = {}
-        for name, stage in self.stages.items():
-            x = stage(x)
-            feats[name] = x
-        emb = x.mean(dim=(2, 3))
-        return ModelOutput(self.head(emb), feats, emb)
-
-    def forward(self, x):
-        return self.extract(x).logits
 
 
 def make_split(n: int = 64, num_classes: int = 4, channels: int = 1, size: int = 8, seed: int = 0) -> Split:

@@ -188,6 +188,12 @@ def test_teacher_checkpoint_from_user(project, tmp_path):
     ("distill", {"typo_key": 1}, "distill.typo_key: unknown key; allowed:"),
     ("distill", {"ce_weight": -1}, "distill.ce_weight: -1.0 is out of range; allowed: >= 0.0"),
     ("distill", {"method": "ce", "ce_weight": 0.5}, "distill.ce_weight / distill.kd_weight: method 'ce' trains on"),
+    ("distill", {"spots": "everywhere"}, "distill.spots: 'everywhere' is not allowed; allowed: fixed, adaptive"),
+    ("distill", {"spots": "adaptive"}, "distill.spots: 'adaptive' routes the spots of a feature method, and method "
+                                       "'kd' has none; allowed: fixed"),
+    ("distill", {"method": "at", "spots": "adaptive", "teacher_runtime": "onnxruntime"},
+     "distill.teacher_runtime: 'onnxruntime' cannot run the teacher stage by stage"),
+    ("routing", {"temperature": 0}, "routing.temperature: 0.0 is out of range; allowed: > 0.0"),
     ("methods", {"at": {"spots": ["stage1"]}}, "methods.at.spots: expected str, got list"),
     ("methods", {"dkd": {"beta": -1.0}}, "methods.dkd.beta: -1.0 is out of range"),  # not the chosen method
     ("methods", {"kdd": {}}, "methods.kdd: unknown method; allowed:"),
@@ -202,6 +208,35 @@ def test_bad_params_fail_in_one_line_and_write_nothing(project, capsys, section,
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
     assert not (project / "artifacts/student").exists()
+
+
+@pytest.mark.slow
+def test_adaptive_spots_end_to_end_ship_the_same_onnx_interface(project):
+    import mlflow
+
+    def interface(path):
+        graph = onnx.load(str(path)).graph
+        return [(v.name, [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim])
+                for v in [*graph.input, *graph.output]]
+
+    distill_at = {**TINY["distill"], "method": "at", "epochs": 1}
+    write_params(project, distill=distill_at)
+    for step in (prepare, train_teacher, distill, evaluate, export):
+        assert step.main([]) == 0
+    fixed = interface(project / "artifacts/onnx/student.onnx")
+    assert (project / "artifacts/plots/spot_routing.csv").read_text().strip() == "epoch"  # fixed: no routing
+    write_params(project, distill={**distill_at, "spots": "adaptive"})
+    for step in (distill, evaluate, export):
+        assert step.main([]) == 0
+    assert interface(project / "artifacts/onnx/student.onnx") == fixed
+    header = (project / "artifacts/plots/spot_routing.csv").read_text().splitlines()[0].split(",")
+    assert header == ["epoch", "val_acc", "routed_stage1", "routed_stage2", "routed_stage3", "routed_output",
+                      "graft_val_acc"]
+    assert (project / "artifacts/plots/spot_routing.png").read_bytes()[:4] == b"\x89PNG"
+    run = mlflow.search_runs(experiment_names=["kdcompress"], filter_string="tags.`kdcompress.spots` = 'adaptive'",
+                             output_format="list")[0]
+    assert {"routed_stage1", "routed_output", "graft_val_acc"} <= set(run.data.metrics)
+    assert run.data.params["routing.temperature"] == "5.0" and run.data.tags["kdcompress.teacher_runtime"] == "torch"
 
 
 def test_sakd_settings_that_cannot_work_are_refused(project, capsys):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from kdcompress.losses._features import match_spatial, parse_spots, require_spots, spot_map
 from kdcompress.losses._params import non_negative, positive
-from kdcompress.losses.base import DistillLoss
+from kdcompress.losses.base import PerSpotLoss
 from kdcompress.types import ModelOutput
 
 
@@ -25,7 +25,7 @@ def attention_map(f: torch.Tensor, p: float) -> torch.Tensor:
     return f.abs().pow(p).mean(1, keepdim=True)
 
 
-class AT(DistillLoss):
+class AT(PerSpotLoss):
     method = "at"
     default_weights = (1.0, 1.0)  # CE + weight * this term (the published recipe)
 
@@ -38,12 +38,10 @@ class AT(DistillLoss):
     def setup(self, student_out: ModelOutput, teacher_out: ModelOutput) -> None:
         require_spots(self.method, self.spots, student_out, teacher_out)
 
-    def forward(self, student_out: ModelOutput, teacher_out: ModelOutput, target: torch.Tensor) -> torch.Tensor:
-        loss = 0.0
-        for name in self.spots:
-            a_s = attention_map(spot_map(student_out, name, self.method), self.p)
-            a_t = attention_map(spot_map(teacher_out, name, self.method), self.p)
-            a_s, a_t = match_spatial(a_s, a_t)
-            a_s, a_t = F.normalize(a_s.flatten(1), dim=1), F.normalize(a_t.flatten(1), dim=1)
-            loss = loss + (a_s - a_t).pow(2).mean(1)
-        return self.weight * loss
+    def spot_loss(self, name: str, student_out: ModelOutput, teacher_out: ModelOutput,
+                  target: torch.Tensor) -> torch.Tensor:
+        a_s = attention_map(spot_map(student_out, name, self.method), self.p)
+        a_t = attention_map(spot_map(teacher_out, name, self.method), self.p)
+        a_s, a_t = match_spatial(a_s, a_t)
+        a_s, a_t = F.normalize(a_s.flatten(1), dim=1), F.normalize(a_t.flatten(1), dim=1)
+        return self.weight * (a_s - a_t).pow(2).mean(1)

@@ -37,8 +37,22 @@ class DistillLoss(nn.Module):
         has no frozen teacher to read (peers, a generator that back-propagates through it)."""
         if not self.needs_teacher or self.needs_teacher_grad:
             return None
-        spots = getattr(self, "spots", None) or ((self.spot,) if getattr(self, "spot", None) else ())
+        spots = self._spots()
         return frozenset(spots) if spots else frozenset({"logits"})
+
+    def _spots(self) -> tuple[str, ...]:
+        return getattr(self, "spots", None) or ((self.spot,) if getattr(self, "spot", None) else ())
+
+    def spot_names(self) -> tuple[str, ...]:
+        """The spots (stage names or ``embedding``) where this method's terms sit, one term each;
+        empty for logit methods. Spot-adaptive routing (kdcompress.routing) gates each per sample."""
+        return self._spots()
+
+    def spot_loss(self, name: str, student_out: ModelOutput, teacher_out: ModelOutput,
+                  target: torch.Tensor) -> torch.Tensor:
+        """The term at spot ``name``, shaped like ``forward``'s loss; summed over ``spot_names()`` it
+        is ``forward``'s loss. Methods with several spots override it (and sum it in ``forward``)."""
+        return self(student_out, teacher_out, target)
 
     def attach(self, student: nn.Module, teacher: nn.Module | None) -> None:
         """Called once by the Distiller: methods that own extra models (a peer student, an EMA
@@ -63,3 +77,10 @@ class DistillLoss(nn.Module):
 
     def after_step(self, student: nn.Module) -> None:
         """Called after each optimizer step (EMA updates and the like)."""
+
+
+class PerSpotLoss(DistillLoss):
+    """A method whose loss is a sum of one term per spot: it implements ``spot_loss``."""
+
+    def forward(self, student_out: ModelOutput, teacher_out: ModelOutput, target: torch.Tensor) -> torch.Tensor:
+        return sum(self.spot_loss(n, student_out, teacher_out, target) for n in self.spot_names())

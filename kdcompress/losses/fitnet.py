@@ -19,11 +19,11 @@ from torch import nn
 
 from kdcompress.losses._features import conv1x1, match_spatial, parse_spots, per_sample_mean, spot_map
 from kdcompress.losses._params import non_negative
-from kdcompress.losses.base import DistillLoss
+from kdcompress.losses.base import PerSpotLoss
 from kdcompress.types import ModelOutput
 
 
-class FitNet(DistillLoss):
+class FitNet(PerSpotLoss):
     method = "fitnet"
     default_weights = (1.0, 1.0)  # CE + weight * this term (the published recipe)
 
@@ -40,9 +40,7 @@ class FitNet(DistillLoss):
                 self.regressors[name] = nn.Sequential(
                     conv1x1(s.shape[1], t.shape[1], s), nn.BatchNorm2d(t.shape[1]).to(s.device, s.dtype), nn.ReLU())
 
-    def forward(self, student_out: ModelOutput, teacher_out: ModelOutput, target: torch.Tensor) -> torch.Tensor:
-        loss = 0.0
-        for name in self.spots:
-            s, t = match_spatial(spot_map(student_out, name, self.method), spot_map(teacher_out, name, self.method))
-            loss = loss + per_sample_mean((self.regressors[name](s) - t).pow(2))
-        return self.weight * loss
+    def spot_loss(self, name: str, student_out: ModelOutput, teacher_out: ModelOutput,
+                  target: torch.Tensor) -> torch.Tensor:
+        s, t = match_spatial(spot_map(student_out, name, self.method), spot_map(teacher_out, name, self.method))
+        return self.weight * per_sample_mean((self.regressors[name](s) - t).pow(2))

@@ -18,7 +18,7 @@ from torch import nn
 
 from kdcompress.losses._features import conv1x1, match_spatial, parse_spots, per_sample_mean, spot_map
 from kdcompress.losses._params import non_negative
-from kdcompress.losses.base import DistillLoss
+from kdcompress.losses.base import PerSpotLoss
 from kdcompress.types import ModelOutput
 
 
@@ -27,7 +27,7 @@ def fsp_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bihw,bjhw->bij", a, b) / (a.shape[-2] * a.shape[-1])
 
 
-class FSP(DistillLoss):
+class FSP(PerSpotLoss):
     method = "fsp"
     default_weights = (1.0, 1.0)  # CE + weight * this term (the published recipe)
 
@@ -43,16 +43,19 @@ class FSP(DistillLoss):
             if s.shape[1] != t.shape[1] and name not in self.adapters:
                 self.adapters[name] = conv1x1(s.shape[1], t.shape[1], s)
 
-    def _maps(self, out: ModelOutput, adapt: bool) -> list[torch.Tensor]:
-        maps = [spot_map(out, name, self.method) for name in self.spots]
+    def _maps(self, out: ModelOutput, adapt: bool, names: tuple[str, ...]) -> list[torch.Tensor]:
+        maps = [spot_map(out, name, self.method) for name in names]
         if adapt:
-            maps = [self.adapters[n](m) if n in self.adapters else m for n, m in zip(self.spots, maps)]
+            maps = [self.adapters[n](m) if n in self.adapters else m for n, m in zip(names, maps)]
         return maps
 
-    def forward(self, student_out: ModelOutput, teacher_out: ModelOutput, target: torch.Tensor) -> torch.Tensor:
-        s_maps, t_maps = self._maps(student_out, True), self._maps(teacher_out, False)
-        loss = 0.0
-        for i in range(len(self.spots) - 1):
-            g_s, g_t = fsp_matrix(s_maps[i], s_maps[i + 1]), fsp_matrix(t_maps[i], t_maps[i + 1])
-            loss = loss + per_sample_mean((g_s - g_t).pow(2))
-        return self.weight * loss
+    def spot_names(self) -> tuple[str, ...]:
+        """An FSP matrix joins two consecutive spots; its term sits at the deeper one."""
+        return self.spots[1:]
+
+    def spot_loss(self, name: str, student_out: ModelOutput, teacher_out: ModelOutput,
+                  target: torch.Tensor) -> torch.Tensor:
+        i = self.spots.index(name)
+        pair = self.spots[i - 1:i + 1]
+        s_maps, t_maps = self._maps(student_out, True, pair), self._maps(teacher_out, False, pair)
+        return self.weight * per_sample_mean((fsp_matrix(*s_maps) - fsp_matrix(*t_maps)).pow(2))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from kdcompress.losses._features import match_spatial, parse_spots, require_spots, spot_map
 from kdcompress.losses._params import non_negative
-from kdcompress.losses.base import DistillLoss
+from kdcompress.losses.base import PerSpotLoss
 from kdcompress.types import ModelOutput
 
 
@@ -32,7 +32,7 @@ def poly_mmd(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return k(t, t) + k(s, s) - 2 * k(s, t)
 
 
-class NST(DistillLoss):
+class NST(PerSpotLoss):
     method = "nst"
     default_weights = (1.0, 1.0)  # CE + weight * this term (the published recipe)
 
@@ -44,9 +44,7 @@ class NST(DistillLoss):
     def setup(self, student_out: ModelOutput, teacher_out: ModelOutput) -> None:
         require_spots(self.method, self.spots, student_out, teacher_out)
 
-    def forward(self, student_out: ModelOutput, teacher_out: ModelOutput, target: torch.Tensor) -> torch.Tensor:
-        loss = 0.0
-        for name in self.spots:
-            s, t = match_spatial(spot_map(student_out, name, self.method), spot_map(teacher_out, name, self.method))
-            loss = loss + poly_mmd(s, t)
-        return self.weight * loss
+    def spot_loss(self, name: str, student_out: ModelOutput, teacher_out: ModelOutput,
+                  target: torch.Tensor) -> torch.Tensor:
+        s, t = match_spatial(spot_map(student_out, name, self.method), spot_map(teacher_out, name, self.method))
+        return self.weight * poly_mmd(s, t)

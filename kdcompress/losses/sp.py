@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from kdcompress.losses._features import broadcast_batch, parse_spots, require_spots, spot_map
 from kdcompress.losses._params import non_negative
-from kdcompress.losses.base import DistillLoss
+from kdcompress.losses.base import PerSpotLoss
 from kdcompress.types import ModelOutput
 
 
@@ -25,7 +25,7 @@ def similarity(f: torch.Tensor) -> torch.Tensor:
     return F.normalize(f @ f.t(), dim=1)
 
 
-class SP(DistillLoss):
+class SP(PerSpotLoss):
     method = "sp"
     default_weights = (1.0, 1.0)  # CE + weight * this term (the published recipe)
     batch_level = True
@@ -38,11 +38,9 @@ class SP(DistillLoss):
     def setup(self, student_out: ModelOutput, teacher_out: ModelOutput) -> None:
         require_spots(self.method, self.spots, student_out, teacher_out)
 
-    def forward(self, student_out: ModelOutput, teacher_out: ModelOutput, target: torch.Tensor) -> torch.Tensor:
+    def spot_loss(self, name: str, student_out: ModelOutput, teacher_out: ModelOutput,
+                  target: torch.Tensor) -> torch.Tensor:
         b = student_out.logits.shape[0]
-        loss = student_out.logits.new_zeros(())
-        for name in self.spots:
-            g_s = similarity(spot_map(student_out, name, self.method))
-            g_t = similarity(spot_map(teacher_out, name, self.method))
-            loss = loss + (g_s - g_t).pow(2).sum() / b**2
-        return broadcast_batch(self.weight * loss, b)
+        g_s = similarity(spot_map(student_out, name, self.method))
+        g_t = similarity(spot_map(teacher_out, name, self.method))
+        return broadcast_batch(self.weight * (g_s - g_t).pow(2).sum() / b**2, b)

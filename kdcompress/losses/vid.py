@@ -22,7 +22,7 @@ from torch import nn
 
 from kdcompress.losses._features import conv1x1, match_spatial, parse_spots, per_sample_mean, spot_map
 from kdcompress.losses._params import check_param, non_negative, positive
-from kdcompress.losses.base import DistillLoss
+from kdcompress.losses.base import PerSpotLoss
 from kdcompress.types import ModelOutput
 
 
@@ -40,7 +40,7 @@ class _VariationalHead(nn.Module):
         return per_sample_mean(0.5 * ((self.mean(s) - t).pow(2) / var + var.log()))
 
 
-class VID(DistillLoss):
+class VID(PerSpotLoss):
     method = "vid"
     default_weights = (1.0, 1.0)  # CE + weight * this term (the published recipe)
 
@@ -59,9 +59,7 @@ class VID(DistillLoss):
             if name not in self.heads:
                 self.heads[name] = _VariationalHead(s.shape[1], t.shape[1], self.init_var, self.eps, s)
 
-    def forward(self, student_out: ModelOutput, teacher_out: ModelOutput, target: torch.Tensor) -> torch.Tensor:
-        loss = 0.0
-        for name in self.spots:
-            s, t = match_spatial(spot_map(student_out, name, self.method), spot_map(teacher_out, name, self.method))
-            loss = loss + self.heads[name](s, t)
-        return self.weight * loss
+    def spot_loss(self, name: str, student_out: ModelOutput, teacher_out: ModelOutput,
+                  target: torch.Tensor) -> torch.Tensor:
+        s, t = match_spatial(spot_map(student_out, name, self.method), spot_map(teacher_out, name, self.method))
+        return self.weight * self.heads[name](s, t)
