@@ -82,7 +82,7 @@ def run_student(name: str, out_root: Path, overrides: dict, params_path: str = "
     steps = [(distill, "distill.json", params_arg + teacher_arg + [
                  "--out", str(folder / "student.pt"), "--resume", str(folder / "resume.pt"), "--metrics",
                  files["distill.json"], "--plots", str(folder / "history.csv"),
-                 "--rounds", str(folder / "rounds.csv")]),
+                 "--rounds", str(folder / "rounds.csv"), "--routing", str(folder / "routing.csv")]),
              (evaluate, "evaluate.json", params_arg + teacher_arg + student + [
                  "--metrics", files["evaluate.json"], "--plots", str(folder)])]
     if ship:
@@ -110,7 +110,9 @@ def run_student(name: str, out_root: Path, overrides: dict, params_path: str = "
     result = {**test, "train_seconds": fit["train_seconds"], "epoch_seconds": fit["train_seconds"] / epochs,
               "samples_seen": fit["samples_seen"], "rounds": len(round_seconds),
               "round_seconds": statistics.fmean(round_seconds) if round_seconds else 0.0,
-              "round_detail": [{k: float(r[k]) for k in detail if r.get(k)} for r in rounds if r.get("round_seconds")]}
+              "round_detail": [{k: float(r[k]) for k in detail if r.get(k)} for r in rounds if r.get("round_seconds")],
+              "routing": [{k: float(v) for k, v in r.items() if v}
+                          for r in csv.DictReader((folder / "routing.csv").open()) if r.get("epoch")]}
     if ship:
         result["ship"] = json.loads((folder / "summary.json").read_text())
         result["quantize"] = json.loads((folder / "quantize.json").read_text())
