@@ -5,7 +5,8 @@ epoch (the teacher has ~16x the student's MACs), and onnxruntime runs it faster 
 stage output) to an in-memory ONNX graph, checks it against PyTorch on a probe batch, and from
 then on answers ``extract(x)`` with the same ``ModelOutput`` the PyTorch teacher gives. It has no
 parameters and no gradients, so it only stands in for a teacher that losses run forward without
-grad (``DistillLoss.needs_teacher_grad`` is False).
+grad (``DistillLoss.needs_teacher_grad`` is False). Stage-by-stage runs (``run``: the spot-adaptive
+graft, which back-propagates through the teacher to its policy) go to the PyTorch model it keeps.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class OrtTeacher(nn.Module):
                  atol: float = 1e-3):
         super().__init__()
         model = model.eval().to("cpu")
+        self.model = model
         probe = torch.randn(4, *input_shape, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             out = model.extract(probe)
@@ -87,3 +89,9 @@ class OrtTeacher(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.extract(x).logits
+
+    def boundaries(self) -> list[str]:
+        return self.model.boundaries()
+
+    def run(self, x: torch.Tensor, start: str | None, stop: str) -> torch.Tensor:
+        return self.model.run(x, start, stop)

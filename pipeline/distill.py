@@ -54,10 +54,7 @@ def main(argv=None):
         if world > 1:
             raise UserError(f"base.nproc: {world} processes do not run distill.spots 'adaptive' yet (its policy "
                             "trains outside DDP); allowed: base.nproc: 1")
-        if cfg.teacher_runtime == "onnxruntime":
-            raise UserError("distill.teacher_runtime: 'onnxruntime' cannot run the teacher stage by stage, which "
-                            "distill.spots 'adaptive' needs; allowed: auto, torch")
-    ort_teacher = router is None and use_ort_teacher(cfg.teacher_runtime, loss, device)
+    ort_teacher = use_ort_teacher(cfg.teacher_runtime, loss, device)
     data = load_prepared(args.data, splits=("train", "val"))
     meta = {"classes": data.classes, "input_shape": data.input_shape, "mean": data.mean, "std": data.std}
     student = build_model(cfg.student, len(data.classes), data.input_shape[0])
