@@ -78,16 +78,33 @@ def rows(out: ModelOutput, index: torch.Tensor) -> ModelOutput:
                        embedding=None if out.embedding is None else out.embedding[index])
 
 
+def build_router(spots: str, loss: DistillLoss | None, cfg: RoutingConfig, world: int) -> SpotRouter | None:
+    """The router of ``distill.spots`` (None: fixed spots); one line for what cannot be routed."""
+    if spots == "fixed":
+        return None
+    router = SpotRouter(loss, cfg)
+    if world > 1:
+        raise UserError(f"base.nproc: {world} processes do not run distill.spots 'adaptive' yet (its policy trains "
+                        "outside DDP); allowed: base.nproc: 1")
+    return router
+
+
+def routing_history(history: list[dict]) -> list[dict]:
+    """The routing columns of fit()'s per-epoch history (a CSV for DVC plots)."""
+    return [{k: v for k, v in h.items() if k in ("epoch", "val_acc") or k.startswith(("routed_", "graft_"))}
+            for h in history]
+
+
 class SpotRouter(nn.Module):
     """The policy, the adapters and their optimizer; ``setup()`` builds them from a probe batch."""
 
-    def __init__(self, loss: DistillLoss, cfg: RoutingConfig):
+    def __init__(self, loss: DistillLoss | None, cfg: RoutingConfig):
         super().__init__()
-        self.spots = loss.spot_names()
+        self.spots = loss.spot_names() if loss is not None else ()
         if not self.spots:
             raise UserError(f"distill.spots: 'adaptive' routes the spots of a feature method, and method "
-                            f"{getattr(loss, 'method', '?')!r} has none; allowed: fixed (or a feature method: fitnet, "
-                            "at, sp, cc, vid, rkd, pkt, ft, fsp, nst, crd)")
+                            f"{getattr(loss, 'method', 'ce')!r} has none; allowed: fixed (or a feature method: "
+                            "fitnet, at, sp, cc, vid, rkd, pkt, ft, fsp, nst, crd)")
         self.cfg = cfg
         self.policy: nn.Linear | None = None
         self.hints, self.anti_hints = nn.ModuleDict(), nn.ModuleDict()

@@ -128,7 +128,8 @@ def fit(distiller: Distiller, train: BatchLoader, val: BatchLoader, selector: Sa
         total_loss = torch.zeros((), dtype=torch.float64, device=device)
         correct, seen = torch.zeros((), dtype=torch.long, device=device), 0
         bar = tqdm(train.batches(indices, shuffle=True, augment=True, epoch=epoch, shard=(rank, world)),
-                   total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
+                   total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=None if rank == 0 else True)
         for i, (x, y, idx) in enumerate(bar):
             lr = lr_at(cfg, (epoch + i / n_batches) / cfg.epochs)
             for group in optimizer.param_groups + distiller.auxiliary_param_groups():
@@ -168,7 +169,8 @@ def fit(distiller: Distiller, train: BatchLoader, val: BatchLoader, selector: Sa
             cb(epoch, metrics)
         if checkpoint is not None:
             checkpoint(state(epoch))
-        tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: loss {metrics['train_loss']:.4f} "
-                   f"train_acc {metrics['train_acc']:.4f} val_acc {val_acc:.4f} ({train_seconds:.0f}s)")
+        if rank == 0:  # one line per epoch, not one per process
+            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: loss {metrics['train_loss']:.4f} "
+                       f"train_acc {metrics['train_acc']:.4f} val_acc {val_acc:.4f} ({train_seconds:.0f}s)")
     last_state = state(cfg.epochs - 1)
     return FitResult(best_state, best_epoch, best_acc, last_state, history, last_state["seconds"])

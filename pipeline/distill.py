@@ -17,7 +17,7 @@ from kdcompress.io import write_csv, write_json
 from kdcompress.losses import build_loss, check_methods
 from kdcompress.ort_teacher import OrtTeacher, use_ort_teacher
 from kdcompress.quantize import CALIBRATION_SAMPLES, calibration_batches
-from kdcompress.routing import SpotRouter
+from kdcompress.routing import build_router, routing_history
 from kdcompress.selection.build import build_selector
 from kdcompress.teacher_cache import TeacherCache, for_run
 from kdcompress.train import fit
@@ -45,15 +45,7 @@ def main(argv=None):
     if world > 1 and cfg.method == "data_free":
         raise UserError(f"base.nproc: {world} processes do not run method 'data_free' yet (every process would "
                         "generate the same images); allowed: base.nproc: 1")
-    router = None
-    if cfg.spots == "adaptive":
-        if loss is None:
-            raise UserError("distill.spots: 'adaptive' routes the spots of a feature method, and method 'ce' has "
-                            "none; allowed: fixed")
-        router = SpotRouter(loss, params["routing"])
-        if world > 1:
-            raise UserError(f"base.nproc: {world} processes do not run distill.spots 'adaptive' yet (its policy "
-                            "trains outside DDP); allowed: base.nproc: 1")
+    router = build_router(cfg.spots, loss, params["routing"], world)
     ort_teacher = use_ort_teacher(cfg.teacher_runtime, loss, device)
     data = load_prepared(args.data, splits=("train", "val"))
     meta = {"classes": data.classes, "input_shape": data.input_shape, "mean": data.mean, "std": data.std}
@@ -122,8 +114,7 @@ def main(argv=None):
         write_csv(args.rounds, selector.history or [{"epoch": None}])
         if selector.history:
             tracking.log_artifact(args.rounds)
-        routing = [{k: v for k, v in h.items() if k in ("epoch", "val_acc") or k.startswith(("routed_", "graft_"))}
-                   for h in result.history] if router is not None else []
+        routing = routing_history(result.history) if router is not None else []
         write_csv(args.routing, routing or [{"epoch": None}])
         figure = figures.spot_routing(routing, f"{cfg.student} student ({cfg.method}, {cfg.spots} spots)")
         if router is not None:
