@@ -54,3 +54,19 @@ def test_student_sweep_keys_round_trip_to_their_run_folders():
         assert parse_key(key(student, seed, tag)) == (student, tag, seed)
     assert folder_of("mobilenet:16", 0, "") == "students/mobilenet_16_seed0"
     assert folder_of("tinycnn", 2, "distill.epochs=20") == "students/tinycnn_distill.epochs=20_seed2"
+
+
+def test_spots_table_pairs_fixed_and_adaptive_runs():
+    from benchmarks.spots import table
+
+    def run(top1, seconds, routing=None):
+        return {"top1": top1, "epoch_seconds": seconds, "jobs": 2, "routing": routing or []}
+
+    last = {"epoch": 9, "routed_stage1": 0.25, "routed_output": 1.0, "graft_val_acc": 0.9}
+    results = {"at/fixed/seed0": run(0.90, 10.0), "at/fixed/seed1": run(0.92, 12.0),
+               "at/adaptive/seed0": run(0.915, 22.0, [last]), "at/adaptive/seed1": run(0.925, 22.0, [last]),
+               "rkd/fixed/seed0": run(0.88, 8.0)}
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table(results).splitlines() if line.startswith("| ")}
+    assert rows["at"].startswith("| at | 2/2 | 91.00 ± 1.41 | 92.00 ± 0.71 | +1.00 | 11 | 22 | 2.00x | "
+                                 "stage1 0.25, output 1.00 | 90.00 |")
+    assert "| rkd | 1/0 | 88.00 ± 0.00 | - | - | 8 | - | - | - | - |" in rows["rkd"]

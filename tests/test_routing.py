@@ -275,3 +275,18 @@ def test_spot_the_model_cannot_graft_at_is_refused():
     loss.setup = lambda s, t: None
     with pytest.raises(UserError, match="the student has no 'stage3'; allowed spots: stage1, stage2, embedding"):
         Distiller(TwoStages(4), FakeNet(width=8), loss, router=SpotRouter(loss, RoutingConfig())).setup(batch()[0])
+
+
+def test_adaptive_spots_compose_with_sakd(tiny_loaders):
+    from kdcompress.config import SAKDConfig
+    from kdcompress.selection.sakd import SAKDSelector
+
+    train, val = tiny_loaders
+    torch.manual_seed(0)
+    loss = build_loss("vid")
+    d = Distiller(FakeNet(width=4), FakeNet(width=8), loss, router=SpotRouter(loss, RoutingConfig()))
+    selector = SAKDSelector(SAKDConfig(ratio=0.5, interval=1, patch_size=4), d, train, epochs=2, seed=0)
+    result = fit(d, train, val, selector, TrainConfig(epochs=2, batch_size=16))
+    assert [h["samples"] for h in result.history] == [32, 32]  # half the training set per epoch
+    assert all(math.isfinite(h["train_loss"]) and "routed_output" in h for h in result.history)
+    assert len(selector.history) == 2

@@ -51,7 +51,7 @@ class DistillLoss(nn.Module):
     def spot_loss(self, name: str, student_out: ModelOutput, teacher_out: ModelOutput,
                   target: torch.Tensor) -> torch.Tensor:
         """The term at spot ``name``, shaped like ``forward``'s loss; summed over ``spot_names()`` it
-        is ``forward``'s loss. Methods with several spots override it (and sum it in ``forward``)."""
+        is ``forward``'s loss. Methods with several spots override it (``PerSpotLoss`` sums it)."""
         return self(student_out, teacher_out, target)
 
     def attach(self, student: nn.Module, teacher: nn.Module | None) -> None:
