@@ -290,3 +290,25 @@ def test_adaptive_spots_compose_with_sakd(tiny_loaders):
     assert [h["samples"] for h in result.history] == [32, 32]  # half the training set per epoch
     assert all(math.isfinite(h["train_loss"]) and "routed_output" in h for h in result.history)
     assert len(selector.history) == 2
+
+
+def test_routing_grafts_torchvision_models_stage_by_stage():
+    from models import create_model
+
+    torch.manual_seed(0)
+    teacher, student = create_model("tv:resnet18", 4, 1), create_model("tv:mobilenet_v3_small", 4, 1)
+    loss = build_loss("at", {"spots": "stage2,stage3,stage4"})
+    d = Distiller(student, teacher, loss, router=SpotRouter(loss, RoutingConfig()))
+    x, y = torch.randn(6, 1, 32, 32), torch.randint(0, 4, (6,))
+    d.setup(x)
+    d.train()
+    d.on_epoch_start(0, 1)
+    for group in d.auxiliary_param_groups():
+        group["lr"] = 0.1
+    policy = d.router.policy.weight.detach().clone()
+    d(x, y).loss.backward()
+    assert not torch.equal(policy, d.router.policy.weight)  # the graft ran through both torchvision nets
+    s, t = outputs(d, x)
+    d.student.eval()
+    with torch.no_grad():  # all to the teacher: the graft is the teacher
+        assert torch.allclose(d.router.graft(student, teacher, s, t, torch.ones(6, 4)), t.logits, atol=1e-4)
