@@ -47,6 +47,12 @@ def _client_setup():
     return mlflow
 
 
+def ensure_store() -> None:
+    """Create the MLflow store and experiment now: processes that start together would race to
+    create the tables of a new store (one of them fails)."""
+    _client_setup()
+
+
 def start_run(role: str, run_name: str, tags: dict[str, str] | None = None, run_id: str | None = None):
     """A new run (``role`` is 'teacher' or 'student'), or the run ``run_id`` continued (a resumed
     stage) when the store still has it."""
