@@ -26,14 +26,13 @@ def run(cmd: list[str], cwd: Path, env: dict) -> str:
 def test_dvc_repro_noop_metrics_and_experiment(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", "pipeline", "kdcompress", "models", "weights"):
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore", "pipeline", "kdcompress", "models", "weights"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
     for cache in repo.rglob("__pycache__"):
         shutil.rmtree(cache)
     write_fashion_idx(repo / "data")
     write_params(repo, data={"dataset": "fashion_mnist", "root": "data", "val_fraction": 0.2, "download": False})
-    (repo / ".gitignore").write_text("/data/\nmlflow.db\nmlartifacts/\n__pycache__/\n")
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "PYTHONPATH": str(repo),
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
@@ -81,6 +80,13 @@ def test_dvc_repro_noop_metrics_and_experiment(tmp_path):
     assert "distill.method" in params_diff and "ce" in params_diff
     metrics_diff = run(dvc + ["metrics", "diff"], repo, env)
     assert "student.top1" in metrics_diff
+    # experiments keep their metrics (git-tracked, not ignored): `dvc exp show` compares them
+    import json
+
+    shown = json.loads(run(dvc + ["exp", "show", "--json"], repo, env))
+    exps = [e for commit in shown for e in (commit.get("experiments") or [])]
+    assert exps and all(r["data"]["metrics"]["artifacts/metrics/summary.json"]["data"]["top1"] > 0
+                        for e in exps for r in e["revs"])
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
