@@ -125,6 +125,8 @@ class RoutingConfig:
     """Spot-adaptive distillation (distill.spots: adaptive; kdcompress.routing)."""
 
     temperature: float = _opt(5.0, lo=0.0, lo_open=True)  # of the hard Gumbel-softmax
+    # the policy's start: distil everywhere, or even odds; auto: distil for a teacher and student of one family
+    init: str = _opt("auto", choices=("auto", "distil", "even"))
     classify_weight: float = _opt(2.0, lo=1.0)  # graft CE times this when worse than the student's, / when better
     logit_weight: float = _opt(0.0, lo=0.0)  # logit KD gated by the output spot (0: the method's own terms only)
     logit_temperature: float = _opt(4.0, lo=0.0, lo_open=True)

@@ -6,8 +6,10 @@ teacher's knowledge is distilled.
   -> deep, plus the output spot.
 - Policy: a linear layer on the detached pooled embeddings of teacher and student, two logits per
   spot ("distil here", "not here"); a hard straight-through Gumbel-softmax (``routing.temperature``)
-  picks one per sample and spot. Its bias starts at +10 on "distil here" (the authors' init), so
-  training starts as the fixed-spot method.
+  picks one per sample and spot. As in the authors' configs, for a teacher and student of one
+  family (ResNet-56 -> ResNet-20) its bias starts at +10 on "distil here", so training starts as the
+  fixed-spot method; across families (ResNet-20 -> MobileNet) it starts at even odds
+  (``routing.init``: auto, distil, even).
 - The student's loss: each spot's term is computed on the samples routed to it only and rescaled
   by the routed fraction: a per-sample term counts on its own rows (so its batch mean is the mean
   over the routed samples times their fraction); a batch-level term (sp, cc, rkd, pkt) needs two
@@ -32,6 +34,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,7 +50,19 @@ if TYPE_CHECKING:
     from kdcompress.losses.base import DistillLoss
 
 LOGITS = "logits"
-START_BIAS = 10.0  # the policy starts by distilling everywhere
+START_BIAS = 10.0  # routing.init distil: the policy starts by distilling everywhere
+
+
+def family(arch: str | None) -> str | None:
+    """``resnet`` for resnet20 and resnet56, ``tv:resnet`` for tv:resnet18; None when unknown."""
+    match = re.match(r"(tv:)?[a-z]+", arch or "")
+    return match.group(0) if match else None
+
+
+def same_family(teacher: nn.Module, student: nn.Module) -> bool:
+    """The authors' "homogeneous" pair: both models' registry names share their family."""
+    names = [getattr(getattr(m, "model", m), "arch", None) for m in (teacher, student)]  # OrtTeacher keeps .model
+    return family(names[0]) is not None and family(names[0]) == family(names[1])
 
 
 class _Resize(nn.Module):
@@ -135,8 +151,11 @@ class SpotRouter(nn.Module):
             return
         self.policy = nn.Linear(t.embedding.shape[1] + s.embedding.shape[1], 2 * len(self.names))
         self.policy.to(s.embedding.device, s.embedding.dtype)
-        with torch.no_grad():
-            self.policy.bias[0::2] += START_BIAS
+        self.init = self.cfg.init if self.cfg.init != "auto" else "distil" if same_family(teacher, student) else "even"
+        if self.init == "distil":
+            with torch.no_grad():
+                self.policy.bias[0::2] += START_BIAS
+        print(f"spot routing at {', '.join(self.names)}; the policy starts at {self.init!r} odds")
         for name in self.spots:
             s_f, t_f = feature(s, name, "routing"), feature(t, name, "routing")
             self.hints[name], self.anti_hints[name] = adapter(s_f, t_f), adapter(t_f, s_f)

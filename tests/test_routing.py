@@ -37,7 +37,7 @@ def batch(n: int = 12, seed: int = 0):
     return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g)
 
 
-def make(name: str, cfg: RoutingConfig = RoutingConfig(), student=None, x=None):
+def make(name: str, cfg: RoutingConfig = RoutingConfig(init="distil"), student=None, x=None):
     """A fixed-spot distiller and an adaptive twin with identical student, teacher and loss modules."""
     torch.manual_seed(0)
     student = student or HalfNet(num_classes=4, in_channels=1, width=4)
@@ -79,7 +79,7 @@ def test_always_distil_policy_gives_the_fixed_methods_loss(name):
 
 
 def test_logit_weight_adds_kd_gated_by_the_output_spot():
-    fixed, adaptive = make("at", RoutingConfig(logit_weight=0.7, logit_temperature=3.0))
+    fixed, adaptive = make("at", RoutingConfig(init="distil", logit_weight=0.7, logit_temperature=3.0))
     force(adaptive.router)
     x, y = batch()
     s, t = outputs(fixed, x)
@@ -312,3 +312,21 @@ def test_routing_grafts_torchvision_models_stage_by_stage():
     d.student.eval()
     with torch.no_grad():  # all to the teacher: the graft is the teacher
         assert torch.allclose(d.router.graft(student, teacher, s, t, torch.ones(6, 4)), t.logits, atol=1e-4)
+
+
+def test_policy_start_follows_the_pair_like_the_authors_configs():
+    from models import create_model
+
+    def started(teacher_arch, student_arch, init="auto"):
+        teacher, student = create_model(teacher_arch, 4, 1), create_model(student_arch, 4, 1)
+        loss = build_loss("rkd")
+        d = Distiller(student, teacher, loss, router=SpotRouter(loss, RoutingConfig(init=init)))
+        d.setup(torch.randn(4, 1, 16, 16))
+        return d.router.init, d.router.policy.bias.detach()
+
+    init, bias = started("resnet56", "resnet20")  # one family: distil everywhere at first
+    assert init == "distil" and (bias[0::2] - bias[1::2] > 8).all()
+    init, bias = started("resnet20", "mobilenet:16")  # across families: even odds
+    assert init == "even" and (bias[0::2] - bias[1::2]).abs().max() < 2
+    assert started("resnet20", "mobilenet:16", "distil")[0] == "distil"
+    assert started("resnet20", "resnet32", "even")[0] == "even"
