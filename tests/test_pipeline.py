@@ -82,7 +82,8 @@ def test_all_stages_end_to_end(project, capsys):
         assert {p.key: p.value for p in int8.metadata_props}["kdcompress.precision"] == "int8"
     gate = json.loads((project / "artifacts/metrics/quantize.json").read_text())
     assert gate["student"]["calibration_samples"] == 96 and gate["student"]["samples"] == 60  # all of train; test
-    for name in ("reliability.png", "confusion.png", "distill_history.png", "teacher_history.png"):
+    assert (project / "artifacts/plots/spot_routing.csv").read_text().strip() == "epoch"  # fixed spots: no routing
+    for name in ("reliability.png", "confusion.png", "distill_history.png", "teacher_history.png", "spot_routing.png"):
         assert (project / "artifacts/plots" / name).read_bytes()[:4] == b"\x89PNG"
     assert "Parity ONNX vs PyTorch" in (project / "artifacts/onnx/student.md").read_text()
 
@@ -217,16 +218,12 @@ def test_adaptive_spots_end_to_end_ship_the_same_onnx_interface(project):
         return [(v.name, [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim])
                 for v in [*graph.input, *graph.output]]
 
-    distill_at = {**TINY["distill"], "method": "at", "epochs": 1}
-    write_params(project, distill=distill_at)
+    write_params(project, distill={**TINY["distill"], "method": "at", "epochs": 1, "spots": "adaptive"})
     for step in (prepare, train_teacher, distill, evaluate, export):
         assert step.main([]) == 0
-    fixed = interface(project / "artifacts/onnx/student.onnx")
-    assert (project / "artifacts/plots/spot_routing.csv").read_text().strip() == "epoch"  # fixed: no routing
-    write_params(project, distill={**distill_at, "spots": "adaptive"})
-    for step in (distill, evaluate, export):
-        assert step.main([]) == 0
-    assert interface(project / "artifacts/onnx/student.onnx") == fixed
+    # the interface every fixed-spot student has (test_all_stages_end_to_end): nothing of the router
+    assert interface(project / "artifacts/onnx/student.onnx") == [("input", ["batch", 1, 16, 16]),
+                                                                  ("logits", ["batch", 10])]
     header = (project / "artifacts/plots/spot_routing.csv").read_text().splitlines()[0].split(",")
     assert header == ["epoch", "val_acc", "routed_stage1", "routed_stage2", "routed_stage3", "routed_output",
                       "graft_val_acc"]
