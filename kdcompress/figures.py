@@ -73,8 +73,8 @@ def spot_routing(history: list[dict], title: str):
     for key in [k for k in (history[0] if history else {}) if k.startswith("routed_")]:
         left.plot(epochs, [h[key] for h in history], marker="o", markersize=3, label=key.removeprefix("routed_"))
     left.set(xlabel="epoch", ylabel="fraction distilled", ylim=(0, 1.05))
-    for key in ("graft_val_acc", "val_acc"):
-        if history and key in history[0] and "graft_val_acc" in history[0]:
+    if history and "graft_val_acc" in history[0]:
+        for key in ("graft_val_acc", "val_acc"):
             right.plot(epochs, [h[key] for h in history], marker="o", markersize=3, label=key)
     right.set(xlabel="epoch", ylabel="accuracy")
     for ax in (left, right):

@@ -32,15 +32,14 @@ authors recompute it; no trainable weight reaches it, so it is the same up to th
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import re
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcompress.losses._features import EMBEDDING, feature
+from kdcompress.losses._features import EMBEDDING, feature, pool_to
 from kdcompress.losses.kd import kl_per_sample
 from kdcompress.types import ModelOutput, UserError
 
@@ -73,11 +72,9 @@ class _Resize(nn.Module):
         self.size = tuple(size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) == self.size:
-            return x
-        if x.shape[-2] >= self.size[0] and x.shape[-1] >= self.size[1]:
-            return F.adaptive_avg_pool2d(x, self.size)
-        return F.interpolate(x, size=self.size, mode="nearest")
+        if x.shape[-2] < self.size[0] or x.shape[-1] < self.size[1]:
+            return F.interpolate(x, size=self.size, mode="nearest")
+        return pool_to(x, self.size)
 
 
 def adapter(src: torch.Tensor, dst: torch.Tensor) -> nn.Module:
@@ -125,6 +122,7 @@ class SpotRouter(nn.Module):
         self.policy: nn.Linear | None = None
         self.hints, self.anti_hints = nn.ModuleDict(), nn.ModuleDict()
         self.optimizer: torch.optim.SGD | None = None
+        self.init: str | None = None  # the policy's resolved start (routing.init), set by setup()
         self.routed: torch.Tensor | None = None  # per spot, samples routed to the teacher this epoch
         self.seen = 0
 

@@ -104,8 +104,8 @@ class TorchvisionNet(Classifier):
         return [*self.segments][:-1] + [EMBEDDING, LOGITS]
 
     def step(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        if name == EMBEDDING:
-            return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        if name == EMBEDDING:  # the global pool, as for our own nets
+            return super().step(name, x)
         out = self.segments[name](x[:, :, None, None] if name == LOGITS else x)
         if not isinstance(out, torch.Tensor):
             raise ValueError(f"{name}: a segment reads more than the boundary before it; stage-wise runs need a chain "
