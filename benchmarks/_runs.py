@@ -9,6 +9,7 @@ import json
 import multiprocessing
 import os
 import statistics
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from kdcompress.io import atomic_write, write_json
 from kdcompress.tracking import ensure_store, file_sha
 from pipeline import benchmark, distill, evaluate, export, quantize
 from pipeline import ship as ship_stage
+from pipeline import train_teacher as teacher_stage
 
 TEACHER = "artifacts/teacher/teacher.pt"  # what the distill stage reads by default
 
@@ -38,20 +40,21 @@ def read_sweep(args: argparse.Namespace, name: str) -> tuple[dict, Path, dict]:
     return overrides, results_path, json.loads(results_path.read_text()) if results_path.exists() else {}
 
 
-def pin_teacher(results: dict, results_path: Path) -> tuple[Path, str]:
+def pin_teacher(results: dict, results_path: Path, source: Callable[[], Path] | None = None) -> tuple[Path, str]:
     """The teacher every run of a results file uses, and its hash (tracking.file_sha): ``<name>_teacher.pt``
     beside the results, committed with them. Training the teacher again on another machine gives other
     weights (CPU kernels differ), so a table filled in over several sessions needs its teacher kept.
-    Pinned from the teacher `dvc repro` made when a results file starts; refuses to add runs to a
-    results file whose runs (those that recorded one) were made with another teacher."""
+    Pinned when a results file starts, from ``source()`` (default: the teacher `dvc repro` made);
+    refuses to add runs to a results file whose runs (those that recorded one) were made with another teacher."""
     pinned = results_path.with_name(results_path.stem + "_teacher.pt")
     if not pinned.exists():
         if results:
             raise SystemExit(f"{pinned}: not found, but {results_path} has runs; restore it (git checkout) "
                              "or move the results away to start a new table")
-        if not Path(TEACHER).exists():
-            raise SystemExit(f"{TEACHER}: not found; run `dvc repro train_teacher` first")
-        atomic_write(pinned, Path(TEACHER).read_bytes())
+        made = Path(source() if source else TEACHER)
+        if not made.exists():
+            raise SystemExit(f"{made}: not found" + ("" if source else "; run `dvc repro train_teacher` first"))
+        atomic_write(pinned, made.read_bytes())
     sha = file_sha(pinned)
     other = {r["teacher_sha"] for r in results.values() if r.get("teacher_sha")} - {sha}
     if other:
@@ -60,21 +63,39 @@ def pin_teacher(results: dict, results_path: Path) -> tuple[Path, str]:
     return pinned, sha
 
 
-def run_student(name: str, out_root: Path, overrides: dict, params_path: str = "params.yaml",
-                teacher: str | Path = TEACHER, ship: bool = False) -> dict:
-    """Distil and evaluate one student (and with ``ship``, export, quantize and benchmark it too);
-    returns test metrics + timing. Logged to MLflow as usual. A step whose output the run's folder
-    already holds (from an interrupted run with the same name) is not run again."""
-    folder = out_root / name
+def write_params(folder: Path, overrides: dict, params_path: str = "params.yaml") -> dict:
+    """``params_path`` with ``overrides`` (dotted keys, like `dvc exp run -S`) written to ``folder/params.yaml``."""
     folder.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load(Path(params_path).read_text())
-    for key, value in overrides.items():  # dotted keys, like `dvc exp run -S`
+    for key, value in overrides.items():
         *path, leaf = key.split(".")
         node = params
         for part in path:
             node = node.setdefault(part, {})
         node[leaf] = value
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    return params
+
+
+def train_teacher(model: str, folder: Path, params_path: str = "params.yaml") -> Path:
+    """A teacher of architecture ``model`` trained by the train_teacher stage (the other teacher
+    params as they are) on the prepared data, in ``folder``; an interrupted training resumes."""
+    write_params(folder, {"teacher.model": model}, params_path)
+    out = folder / "teacher.pt"
+    if not out.exists() and teacher_stage.main([
+            "--params", str(folder / "params.yaml"), "--out", str(out), "--resume", str(folder / "resume.pt"),
+            "--metrics", str(folder / "teacher.json"), "--plots", str(folder / "history.csv")]):
+        raise SystemExit(f"{model} teacher: train_teacher failed")
+    return out
+
+
+def run_student(name: str, out_root: Path, overrides: dict, params_path: str = "params.yaml",
+                teacher: str | Path = TEACHER, ship: bool = False) -> dict:
+    """Distil and evaluate one student (and with ``ship``, export, quantize and benchmark it too);
+    returns test metrics + timing. Logged to MLflow as usual. A step whose output the run's folder
+    already holds (from an interrupted run with the same name) is not run again."""
+    folder = out_root / name
+    params = write_params(folder, overrides, params_path)
     params_arg, teacher_arg = ["--params", str(folder / "params.yaml")], ["--teacher", str(teacher)]
     student = ["--student", str(folder / "student.pt")]
     files = {f: str(folder / f) for f in ("distill.json", "evaluate.json", "export.json", "quantize.json",
@@ -109,6 +130,7 @@ def run_student(name: str, out_root: Path, overrides: dict, params_path: str = "
               "round_seconds")
     result = {**test, "train_seconds": fit["train_seconds"], "epoch_seconds": fit["train_seconds"] / epochs,
               "samples_seen": fit["samples_seen"], "rounds": len(round_seconds),
+              "teacher_cache_hit_fraction": fit.get("teacher_cache_hit_fraction"),
               "round_seconds": statistics.fmean(round_seconds) if round_seconds else 0.0,
               "round_detail": [{k: float(r[k]) for k in detail if r.get(k)} for r in rounds if r.get("round_seconds")],
               "routing": [{k: float(v) for k, v in r.items() if v}

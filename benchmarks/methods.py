@@ -31,18 +31,21 @@ SHOWN = ["top1", "ece", "nll", "agreement", "kl_teacher_student", "logit_cosine"
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=list(LOSSES))
+    p.add_argument("--name", default="methods", help="the results file <out>/<name>.json; another name (e.g. "
+                   "methods_rerun) starts a new table on the committed table's teacher (methods_teacher.pt)")
     sweep_arguments(p, seeds=[0, 1])
     args = p.parse_args(argv)
-    overrides, results_path, results = read_sweep(args, "methods")
+    overrides, results_path, results = read_sweep(args, args.name)
     overrides.setdefault("distill.student", "tinycnn")  # the student of the committed table
     out = Path(args.out)
-    teacher, teacher_sha = pin_teacher(results, results_path)
+    teacher, teacher_sha = pin_teacher(results, results_path, None if args.name == "methods"
+                                       else lambda: out / "methods_teacher.pt")
     todo = plan(results, args.methods, args.seeds)
-    tasks = {f"{m}/seed{s}": (f"methods/{m}_seed{s}", {**overrides, "distill.method": m, "base.seed": s})
+    tasks = {f"{m}/seed{s}": (f"{args.name}/{m}_seed{s}", {**overrides, "distill.method": m, "base.seed": s})
              for m, s in todo}
     try:
         run_all(tasks, out / "runs", args.jobs, teacher, {"teacher_sha": teacher_sha}, results, results_path,
-                after=lambda: atomic_write(out / "methods.md", table(results, args.methods), text=True))
+                after=lambda: atomic_write(out / f"{args.name}.md", table(results, args.methods), text=True))
     finally:
         print(table(results, args.methods))
 
@@ -69,8 +72,10 @@ def table(results: dict, methods: list[str]) -> str:
                  else f"{s[0]:.4f}" for m, s in stats.items()]  # one seed: no spread to show
         rows.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
     jobs = sorted({r.get("jobs", 1) for r in results.values()})
+    hours = sum(r["train_seconds"] for r in results.values()) / 3600
     rows += ["", f"epoch_seconds: wall time per training epoch with {' or '.join(map(str, jobs))} run(s) side by side "
-                 "on this machine's cores."]
+                 f"on this machine's cores. All {len(results)} runs trained for {hours:.2f} h in all (the sum of "
+                 "their wall times)."]
     ranks = rank_table(means, RANKED)
     rank_cols = [f"{m}_rank" for m in RANKED]
     rows += ["", "| method | " + " | ".join(rank_cols) + " | avg_rank |", "|" + " --- |" * (len(rank_cols) + 2)]

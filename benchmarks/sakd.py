@@ -2,13 +2,16 @@
 pinned teacher, without the teacher cache (every run pays its teacher forwards: a fair wall time).
 
     python -m benchmarks.sakd [--seeds 0 1 2] [--method kd] [--jobs 2] [-S distill.epochs=10]
+    python -m benchmarks.sakd --pair resnet56:resnet20 --configs full sakd_r0.5_I5 [...]
 
 Configs: I=5 and I=1 (rounds every 5 epochs / every epoch), I=5 with the difficulty pass on the
 teacher's int8 twin, I=1 with beta instead of beta_raw as the rate of the alpha update (the two
 differ only in rounds where beta_raw > eta, which I=5 over 10 epochs never reaches), and I=5 with
 rate 1 (alpha follows s_hat without the interruption factor); and full-data KD over half the
 epochs, which takes as many optimizer steps as SAKD with r = 0.5 (what fewer steps alone cost). Needs
-`dvc repro prepare` first. Prints and writes benchmarks/results/sakd_<method>.{json,md}: test
+`dvc repro prepare` first. ``--pair T:S`` runs another teacher/student pair (the paper's shape,
+ResNet-56 -> ResNet-20): a T teacher is trained once with the train_teacher stage and pinned as
+sakd_<method>_<T>_<S>_teacher.pt. Prints and writes benchmarks/results/sakd_<method>[_T_S].{json,md}: test
 accuracy (mean ± std), ECE, distill wall time and its ratio to full-data KD, the selection round's
 time as a fraction of one full-data epoch and its split (teacher, student, DPP), and the mean alpha
 of the selected samples per round. Wall time counts the difficulty passes and the DPP selections.
@@ -20,7 +23,7 @@ import argparse
 from pathlib import Path
 
 
-from benchmarks._runs import mean_std, pin_teacher, read_sweep, run_all, sweep_arguments
+from benchmarks._runs import mean_std, pin_teacher, read_sweep, run_all, sweep_arguments, train_teacher
 from kdcompress.io import atomic_write
 
 SAKD = {"distill.sampling": "sakd", "sakd.ratio": 0.5, "sakd.interval": 5}
@@ -39,25 +42,43 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", default="kd")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--pair", metavar="TEACHER:STUDENT", type=pair,
+                   help="another pair, e.g. resnet56:resnet20: its own table and a teacher trained for it (once)")
     sweep_arguments(p, seeds=[0, 1, 2])
     args = p.parse_args(argv)
-    overrides, results_path, results = read_sweep(args, f"sakd_{args.method}")
-    overrides.setdefault("distill.student", "tinycnn")  # the student of the committed tables
+    name = f"sakd_{args.method}" + (f"_{args.pair[0]}_{args.pair[1]}" if args.pair else "")
+    overrides, results_path, results = read_sweep(args, name)
+    overrides.setdefault("distill.student", args.pair[1] if args.pair else "tinycnn")  # that of the committed table
     overrides["distill.teacher_cache"] = False  # every run pays for its own teacher forwards
     out = Path(args.out)
-    teacher, teacher_sha = pin_teacher({}, out / "methods.json")  # the method benchmark's teacher
+    if args.pair:  # the pair's teacher, trained when its table starts and pinned beside it
+        teacher, teacher_sha = pin_teacher(results, results_path,
+                                           lambda: train_teacher(args.pair[0], out / "runs" / name / "teacher"))
+    else:
+        teacher, teacher_sha = pin_teacher({}, out / "methods.json")  # the method benchmark's teacher
     stale = {r.get("teacher_sha") for r in results.values()} - {teacher_sha}
     if stale:
         raise SystemExit(f"{results_path}: made with another teacher ({', '.join(map(str, stale))}); move it away")
     # seed-major, so a cut-short run still compares configs on the same seeds
-    tasks = {f"{c}/seed{s}": (f"sakd_{args.method}/{c}_seed{s}",
+    tasks = {f"{c}/seed{s}": (f"{name}/{c}_seed{s}",
                               {**overrides, **CONFIGS[c], "distill.method": args.method, "base.seed": s})
              for s in args.seeds for c in args.configs if f"{c}/seed{s}" not in results}
     try:
         run_all(tasks, out / "runs", args.jobs, teacher, {"teacher_sha": teacher_sha}, results, results_path,
-                after=lambda: atomic_write(out / f"sakd_{args.method}.md", table(results, args.method), text=True))
+                after=lambda: atomic_write(out / f"{name}.md", table(results, args.method), text=True))
     finally:
         print(table(results, args.method))
+
+
+def pair(text: str) -> tuple[str, str]:
+    """``TEACHER:STUDENT`` model names (registry names without arguments), for --pair."""
+    from models import MODELS
+
+    names = tuple(text.split(":"))
+    if len(names) != 2 or not all(n in MODELS and n != "tv" for n in names):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected TEACHER:STUDENT, two of "
+                                         f"{', '.join(sorted(set(MODELS) - {'tv'}))}")
+    return names
 
 def table(results: dict, method: str) -> str:
     by_config = {c: [v for k, v in results.items() if k.split("/")[0] == c] for c in CONFIGS}

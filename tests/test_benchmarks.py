@@ -37,6 +37,44 @@ def test_pin_teacher_needs_a_teacher_to_start(tmp_path, monkeypatch):
         _runs.pin_teacher({}, tmp_path / "methods.json")
 
 
+def test_pin_teacher_makes_a_teacher_from_its_source_only_when_none_is_pinned(tmp_path):
+    made = []
+
+    def train():
+        made.append(tmp_path / "trained.pt")
+        made[-1].write_bytes(b"resnet56 weights")
+        return made[-1]
+
+    results_path = tmp_path / "sakd_kd_resnet56_resnet20.json"
+    pinned, sha = _runs.pin_teacher({}, results_path, train)
+    assert pinned.name == "sakd_kd_resnet56_resnet20_teacher.pt" and pinned.read_bytes() == b"resnet56 weights"
+    assert _runs.pin_teacher({"full/seed0": {"teacher_sha": sha}}, results_path, train) == (pinned, sha)
+    assert len(made) == 1  # pinned: not trained again
+    with pytest.raises(SystemExit, match="^" + str(tmp_path / "none.pt") + ": not found$"):
+        _runs.pin_teacher({}, tmp_path / "other.json", lambda: tmp_path / "none.pt")
+
+
+def test_sakd_pair_takes_two_registry_models():
+    import argparse
+
+    from benchmarks.sakd import pair
+
+    assert pair("resnet56:resnet20") == ("resnet56", "resnet20")
+    for bad in ("resnet56", "resnet56:resnet20:tinycnn", "resnet57:resnet20", "tv:resnet20"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected TEACHER:STUDENT"):
+            pair(bad)
+
+
+def test_write_params_sets_dotted_keys_and_keeps_the_rest(tmp_path):
+    import yaml
+
+    params = _runs.write_params(tmp_path / "run", {"teacher.model": "resnet56", "distill.sakd_extra": 3})
+    assert params == yaml.safe_load((tmp_path / "run" / "params.yaml").read_text())
+    base = yaml.safe_load(open("params.yaml"))
+    assert params["teacher"] == {**base["teacher"], "model": "resnet56"}
+    assert params["distill"] == {**base["distill"], "sakd_extra": 3} and params["data"] == base["data"]
+
+
 def test_plan_skips_finished_runs_and_starts_each_seed_with_the_slowest_methods():
     from benchmarks.methods import plan
 
