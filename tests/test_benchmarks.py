@@ -108,3 +108,41 @@ def test_spots_table_pairs_fixed_and_adaptive_runs():
     assert rows["at"].startswith("| at | 2/2 | 91.00 ± 1.41 | 92.00 ± 0.71 | +1.00 | 11 | 22 | 2.00x | "
                                  "stage1 0.25, output 1.00 | 90.00 |")
     assert "| rkd | 1/0 | 88.00 ± 0.00 | - | - | 8 | - | - | - | - |" in rows["rkd"]
+
+
+@pytest.mark.slow
+def test_sakd_pair_pins_its_own_teacher_and_a_method_rerun_starts_on_the_method_teacher(tmp_path, monkeypatch):
+    """On tiny data: --pair trains the pair's teacher and pins it beside its table; methods --name
+    starts another table on methods_teacher.pt and records whether the teacher cache was hit."""
+    import json
+    import shutil
+
+    from conftest import write_fashion_idx
+    from test_pipeline import write_params
+
+    from benchmarks import methods, sakd
+    from kdcompress.checkpoint import read_checkpoint
+    from pipeline import prepare
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    write_fashion_idx(tmp_path / "raw")
+    write_params(tmp_path)
+    assert prepare.main([]) == 0
+    out = tmp_path / "results"
+    common = ["--seeds", "0", "--out", str(out), "-S", "distill.epochs=1"]
+
+    sakd.main(["--pair", "resnet32:tinycnn", "--configs", "full", *common])
+    pinned = out / "sakd_kd_resnet32_tinycnn_teacher.pt"
+    assert read_checkpoint(pinned)["arch"] == "resnet32"
+    assert (out / "runs" / "sakd_kd_resnet32_tinycnn" / "teacher" / "teacher.pt").read_bytes() == pinned.read_bytes()
+    run = json.loads((out / "sakd_kd_resnet32_tinycnn.json").read_text())["full/seed0"]
+    assert run["teacher_sha"] == file_sha(pinned) and run["teacher_cache_hit_fraction"] is None  # cache off
+
+    shutil.copy(pinned, out / "methods_teacher.pt")
+    methods.main(["--name", "methods_rerun", "--methods", "kd", *common])
+    run = json.loads((out / "methods_rerun.json").read_text())["kd/seed0"]
+    assert run["teacher_cache_hit_fraction"] == 0.0 and run["teacher_sha"] == file_sha(pinned)
+    assert (out / "methods_rerun_teacher.pt").read_bytes() == pinned.read_bytes()
+    assert "All 1 runs trained for" in (out / "methods_rerun.md").read_text()
