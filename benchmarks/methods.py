@@ -16,6 +16,7 @@ sharing the machine; compare them within one table).
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 
@@ -40,22 +41,51 @@ def main(argv=None):
     out = Path(args.out)
     teacher, teacher_sha = pin_teacher(results, results_path, None if args.name == "methods"
                                        else lambda: out / "methods_teacher.pt")
-    todo = plan(results, args.methods, args.seeds)
+    table_path = out / "methods.json"  # the committed table, which a rerun is compared with
+    committed = json.loads(table_path.read_text()) if args.name != "methods" and table_path.exists() else {}
+    todo = plan(results, args.methods, args.seeds, timing=committed)
     tasks = {f"{m}/seed{s}": (f"{args.name}/{m}_seed{s}", {**overrides, "distill.method": m, "base.seed": s})
              for m, s in todo}
+
+    def report() -> str:
+        return table(results, args.methods) + (against(results, committed) if committed else "")
+
     try:
         run_all(tasks, out / "runs", args.jobs, teacher, {"teacher_sha": teacher_sha}, results, results_path,
-                after=lambda: atomic_write(out / f"{args.name}.md", table(results, args.methods), text=True))
+                after=lambda: atomic_write(out / f"{args.name}.md", report(), text=True))
     finally:
-        print(table(results, args.methods))
+        print(report())
 
-def plan(results: dict, methods: list[str], seeds: list[int]) -> list[tuple[str, int]]:
+
+def plan(results: dict, methods: list[str], seeds: list[int], timing: dict | None = None) -> list[tuple[str, int]]:
     """The (method, seed) runs still to do, seed-major, so that a partial benchmark covers every method once;
-    within a seed the methods that took longest on another seed go first, so that side-by-side jobs end
-    together instead of one long run finishing alone on one core."""
-    seconds = {key.split("/")[0]: run["train_seconds"] for key, run in results.items()}
+    within a seed the methods that took longest on another seed (or in ``timing``, other results) go first,
+    so that side-by-side jobs end together instead of one long run finishing alone on one core."""
+    seconds = {key.split("/")[0]: run["train_seconds"] for key, run in {**(timing or {}), **results}.items()}
     todo = [(m, s) for s in seeds for m in methods if f"{m}/seed{s}" not in results]
     return sorted(todo, key=lambda ms: (seeds.index(ms[1]), -seconds.get(ms[0], 0.0)))
+
+
+def against(results: dict, committed: dict) -> str:
+    """Each method's runs against the committed table's runs of the same (method, seed): training
+    time, test top-1 and the fraction of teacher outputs read from the cache."""
+    rows = ["", "Against the same runs in methods.json:", "",
+            "| method | runs | train s, methods.json | train s, now | ratio | top-1, methods.json | top-1, now "
+            "| teacher-cache hits |", "|" + " --- |" * 8]
+    totals = [0.0, 0.0]
+    for method in dict.fromkeys(k.split("/")[0] for k in results):
+        keys = [k for k in results if k.split("/")[0] == method and k in committed]
+        if not keys:
+            continue
+        before, now = (sum(runs[k]["train_seconds"] for k in keys) for runs in (committed, results))
+        totals = [totals[0] + before, totals[1] + now]
+        top1 = [100 * mean_std([runs[k]["top1"] for k in keys])[0] for runs in (committed, results)]
+        hits = [results[k].get("teacher_cache_hit_fraction") for k in keys]
+        rows.append(f"| {method} | {len(keys)} | {before:.0f} | {now:.0f} | {now / before:.2f}x | {top1[0]:.2f} | "
+                    f"{top1[1]:.2f} | {' / '.join('-' if h is None else f'{h:.2f}' for h in hits)} |")
+    if totals[0]:
+        rows.append(f"| all | | {totals[0]:.0f} | {totals[1]:.0f} | {totals[1] / totals[0]:.2f}x | | | |")
+    return "\n".join(rows) + "\n"
 
 
 def table(results: dict, methods: list[str]) -> str:

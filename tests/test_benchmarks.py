@@ -83,6 +83,22 @@ def test_plan_skips_finished_runs_and_starts_each_seed_with_the_slowest_methods(
     methods = ["ce", "kd", "dkd", "data_free"]
     assert plan(results, methods, [0, 1]) == [("dkd", 0), ("data_free", 1), ("ce", 1), ("dkd", 1)]
     assert plan(results, methods, [1]) == [("data_free", 1), ("ce", 1), ("dkd", 1)]
+    assert plan({}, methods, [0], timing=results) == [("data_free", 0), ("kd", 0), ("ce", 0), ("dkd", 0)]
+
+
+def test_a_method_rerun_is_compared_with_the_same_runs_of_the_committed_table():
+    from benchmarks.methods import against
+
+    committed = {"kd/seed0": {"train_seconds": 450.0, "top1": 0.90}, "kd/seed1": {"train_seconds": 440.0, "top1": 0.92},
+                 "ce/seed0": {"train_seconds": 130.0, "top1": 0.89}}
+    rerun = {"kd/seed0": {"train_seconds": 300.0, "top1": 0.91, "teacher_cache_hit_fraction": 0.0},
+             "kd/seed1": {"train_seconds": 140.0, "top1": 0.91, "teacher_cache_hit_fraction": 1.0},
+             "ce/seed0": {"train_seconds": 130.0, "top1": 0.89, "teacher_cache_hit_fraction": None},
+             "dkd/seed0": {"train_seconds": 150.0, "top1": 0.90}}  # not in the committed table: left out
+    rows = against(rerun, committed).splitlines()
+    assert "| kd | 2 | 890 | 440 | 0.49x | 91.00 | 91.00 | 0.00 / 1.00 |" in rows
+    assert "| ce | 1 | 130 | 130 | 1.00x | 89.00 | 89.00 | - |" in rows
+    assert rows[-1] == "| all | | 1020 | 570 | 0.56x | | | |" and not any("dkd" in r for r in rows)
 
 
 def test_student_sweep_keys_round_trip_to_their_run_folders():
@@ -145,4 +161,5 @@ def test_sakd_pair_pins_its_own_teacher_and_a_method_rerun_starts_on_the_method_
     run = json.loads((out / "methods_rerun.json").read_text())["kd/seed0"]
     assert run["teacher_cache_hit_fraction"] == 0.0 and run["teacher_sha"] == file_sha(pinned)
     assert (out / "methods_rerun_teacher.pt").read_bytes() == pinned.read_bytes()
-    assert "All 1 runs trained for" in (out / "methods_rerun.md").read_text()
+    report = (out / "methods_rerun.md").read_text()
+    assert "All 1 runs trained for" in report and "Against the same runs in methods.json" not in report
