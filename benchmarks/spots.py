@@ -19,6 +19,7 @@ median step time of each and their ratio and writes benchmarks/results/spots_ste
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -49,11 +50,13 @@ def main(argv=None):
     tasks = {f"{m}/{mode}/seed{s}": (f"spots/{m}_{mode}_seed{s}",
                                      {**overrides, "distill.method": m, "distill.spots": mode, "base.seed": s})
              for s in args.seeds for m in args.methods for mode in MODES if f"{m}/{mode}/seed{s}" not in results}
+    step_path = out / "spots_step_time.json"
+    step = json.loads(step_path.read_text()) if step_path.exists() else None
     try:
         run_all(tasks, out / "runs", args.jobs, teacher, {"teacher_sha": teacher_sha}, results, results_path,
-                after=lambda: atomic_write(out / "spots.md", table(results), text=True))
+                after=lambda: atomic_write(out / "spots.md", table(results, step), text=True))
     finally:
-        print(table(results))
+        print(table(results, step))
 
 
 def step_time(methods: list[str], teacher_path: Path, steps: int, out: Path) -> None:
@@ -108,12 +111,15 @@ def step_time(methods: list[str], teacher_path: Path, steps: int, out: Path) -> 
                      "threads": torch.get_num_threads(), "methods": report})
 
 
-def table(results: dict) -> str:
+def table(results: dict, step_time: dict | None = None) -> str:
+    """The fixed-against-adaptive table; with ``step_time`` (spots_step_time.json) a column of the
+    quiet per-step ratios beside the epoch times of runs that shared the cores."""
     runs = {(m, mode): [v for k, v in results.items() if k.startswith(f"{m}/{mode}/")]
             for m in METHODS for mode in MODES}
+    steps = (step_time or {}).get("methods", {})
     rows = ["| method | seeds | fixed top-1 | adaptive top-1 | Δ points | fixed s/epoch | adaptive s/epoch | ratio "
-            "| routed to the teacher, last epoch (spots …, output) | graft val acc |",
-            "| --- |" + " --- |" * 9]
+            "| step ratio | routed to the teacher, last epoch (spots …, output) | graft val acc |",
+            "| --- |" + " --- |" * 10]
     for m in METHODS:
         fixed, adaptive = runs[(m, "fixed")], runs[(m, "adaptive")]
         if not fixed and not adaptive:
@@ -134,10 +140,11 @@ def table(results: dict) -> str:
                     + (f"{100 * (acc['adaptive'][0] - acc['fixed'][0]):+.2f}" if both else "-") + " | "
                     + " | ".join(f"{s:.0f}" if s else "-" for s in sec.values()) + " | "
                     + (f"{sec['adaptive'] / sec['fixed']:.2f}x" if sec["fixed"] and sec["adaptive"] else "-")
-                    + f" | {routed or '-'} | {graft} |")
+                    + (f" | {steps[m]['ratio']:.2f}x" if m in steps else " | -") + f" | {routed or '-'} | {graft} |")
     jobs = sorted({r.get("jobs", 1) for r in results.values()})
     rows += ["", f"s/epoch: training wall time per epoch with {' or '.join(map(str, jobs))} run(s) side by side "
-                 "on this machine's cores; seeds: fixed/adaptive runs."]
+                 "on this machine's cores; seeds: fixed/adaptive runs. step ratio: adaptive over fixed per training "
+                 "step, the two alternating in one process on a quiet machine (`--step-time`)."]
     return "\n".join(rows) + "\n"
 
 
