@@ -151,11 +151,11 @@ def test_sakd_pair_pins_its_own_teacher_and_a_method_rerun_starts_on_the_method_
     out = tmp_path / "results"
     common = ["--seeds", "0", "--out", str(out), "-S", "distill.epochs=1"]
 
-    sakd.main(["--pair", "resnet32:tinycnn", "--configs", "full", *common])
-    pinned = out / "sakd_kd_resnet32_tinycnn_teacher.pt"
-    assert read_checkpoint(pinned)["arch"] == "resnet32"
-    assert (out / "runs" / "sakd_kd_resnet32_tinycnn" / "teacher" / "teacher.pt").read_bytes() == pinned.read_bytes()
-    run = json.loads((out / "sakd_kd_resnet32_tinycnn.json").read_text())["full/seed0"]
+    sakd.main(["--pair", "smallnet:tinycnn", "--configs", "full", *common])
+    pinned = out / "sakd_kd_smallnet_tinycnn_teacher.pt"
+    assert read_checkpoint(pinned)["arch"] == "smallnet"
+    assert (out / "runs" / "sakd_kd_smallnet_tinycnn" / "teacher" / "teacher.pt").read_bytes() == pinned.read_bytes()
+    run = json.loads((out / "sakd_kd_smallnet_tinycnn.json").read_text())["full/seed0"]
     assert run["teacher_sha"] == file_sha(pinned) and run["teacher_cache_hit_fraction"] is None  # cache off
 
     shutil.copy(pinned, out / "methods_teacher.pt")
