@@ -129,26 +129,18 @@ def test_spots_table_pairs_fixed_and_adaptive_runs():
 
 
 @pytest.mark.slow
-def test_sakd_pair_pins_its_own_teacher_and_a_method_rerun_starts_on_the_method_teacher(tmp_path, monkeypatch):
+def test_sakd_pair_pins_its_own_teacher_and_a_method_rerun_starts_on_the_method_teacher(project):
     """On tiny data: --pair trains the pair's teacher and pins it beside its table; methods --name
     starts another table on methods_teacher.pt and records whether the teacher cache was hit."""
     import json
     import shutil
 
-    from conftest import write_fashion_idx
-    from test_pipeline import write_params
-
     from benchmarks import methods, sakd
     from kdcompress.checkpoint import read_checkpoint
     from pipeline import prepare
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.delenv("DVC_ROOT", raising=False)
-    write_fashion_idx(tmp_path / "raw")
-    write_params(tmp_path)
     assert prepare.main([]) == 0
-    out = tmp_path / "results"
+    out = project / "results"
     common = ["--seeds", "0", "--out", str(out), "-S", "distill.epochs=1"]
 
     sakd.main(["--pair", "smallnet:tinycnn", "--configs", "full", *common])

@@ -99,7 +99,7 @@ def test_torchrun_runs_the_distill_stage_in_two_processes(tmp_path):
     import subprocess
     import sys
 
-    from test_pipeline import write_params
+    from conftest import write_params
 
     from conftest import ROOT, write_fashion_idx
 

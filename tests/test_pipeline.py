@@ -4,44 +4,12 @@ ONNX export and real onnxruntime; and the bad-input errors (one line, exit 2, no
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import onnx
 import pytest
-import yaml
 
-from conftest import ROOT, write_fashion_idx
+from conftest import TINY, write_params
 from pipeline import benchmark, distill, evaluate, export, prepare, quantize, ship, train_teacher
-
-TINY = {
-    "base": {"seed": 0, "device": "cpu", "num_threads": 1},
-    "data": {"dataset": "fashion_mnist", "root": "raw", "val_fraction": 0.2, "download": False},
-    "teacher": {"model": "resnet20", "epochs": 1, "batch_size": 32, "lr": 0.05, "eval_batch_size": 64},
-    "distill": {"student": "tinycnn", "method": "kd", "epochs": 2, "batch_size": 32, "lr": 0.05,
-                "eval_batch_size": 64},
-    "methods": {"kd": {"temperature": 4.0}},
-    "benchmark": {"warmup": 2, "runs": 200, "server_batch": 8, "server_runs": 2},
-}
-
-
-def write_params(folder: Path, **overrides) -> Path:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, values in {**TINY, **overrides}.items():
-        params[section] = {**params.get(section, {}), **values} if isinstance(values, dict) else values
-    path = folder / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return path
-
-
-@pytest.fixture
-def project(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.delenv("DVC_ROOT", raising=False)
-    write_fashion_idx(tmp_path / "raw")
-    write_params(tmp_path)
-    return tmp_path
-
 
 @pytest.mark.slow
 def test_all_stages_end_to_end(project, capsys):

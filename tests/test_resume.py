@@ -136,7 +136,7 @@ def _distill(folder, *extra):
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
-    from test_pipeline import write_params
+    from conftest import write_params
 
     from conftest import write_fashion_idx
 
