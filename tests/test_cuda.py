@@ -1,6 +1,6 @@
 """The GPU path: runs where CUDA is present, skipped elsewhere. One epoch of a logit method and of a
 feature method on the GPU, in fp32 and bf16; the student trains on the GPU, the resume state and
-the checkpoints come back on the CPU in float32."""
+the checkpoints come back on the CPU in float32. The greedy DPP takes GPU inputs and answers on the GPU."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from kdcompress.data import BatchLoader
 from kdcompress.distiller import Distiller
 from kdcompress.losses import build_loss
 from kdcompress.selection import FullData
+from kdcompress.selection.dpp import greedy_dpp
 from kdcompress.train import fit
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -34,3 +35,12 @@ def test_one_epoch_on_the_gpu(method, precision):
     for tensor in result.last_state["student"].values():
         assert tensor.device.type == "cpu"
         assert not tensor.is_floating_point() or tensor.dtype == torch.float32
+
+
+def test_greedy_dpp_takes_gpu_inputs():
+    g = torch.Generator().manual_seed(0)
+    features = torch.nn.functional.normalize(torch.randn(300, 8, generator=g), dim=1)
+    quality = torch.rand(300, generator=g)
+    picked = greedy_dpp(features.cuda(), quality.cuda(), 50)
+    assert picked.device.type == "cuda"
+    assert torch.equal(picked.cpu(), greedy_dpp(features, quality, 50))

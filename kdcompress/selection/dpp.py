@@ -58,14 +58,14 @@ def greedy_dpp(features: torch.Tensor, quality: torch.Tensor, k: int, gamma: flo
     lazily maintained candidate block (speed only, never the result). ``stats``, when given, receives
     counters (refills, exact gain evaluations).
 
-    On CPU the loop runs on one intra-op thread (restored after): its ops are tiny, and with two
-    threads on a busy 2-core machine OpenMP wake-ups made single ops 10-100x slower."""
-    if features.device.type != "cpu":
-        return _greedy_dpp(features, quality, k, gamma, sigma, block, dtype, stats)
+    The loop runs on the CPU wherever the inputs live, on one intra-op thread (restored after): its
+    ops are tiny and every pick reads a value back to the host, so on a GPU each step waits for a
+    round trip (a 27k-pick round took 79 s on an H200 shared by 9 runs), and with two threads on a
+    busy 2-core machine OpenMP wake-ups made single ops 10-100x slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _greedy_dpp(features, quality, k, gamma, sigma, block, dtype, stats)
+        return _greedy_dpp(features.cpu(), quality.cpu(), k, gamma, sigma, block, dtype, stats).to(features.device)
     finally:
         torch.set_num_threads(threads)
 
@@ -83,20 +83,19 @@ def _greedy_dpp(features: torch.Tensor, quality: torch.Tensor, k: int, gamma: fl
     if not (bool(torch.isfinite(features).all()) and bool(torch.isfinite(quality).all())):
         raise ValueError("greedy_dpp: features and quality must be finite (NaN/inf found)")
     n, d = features.shape
-    device = features.device
     k = max(0, min(int(k), n))
     if k == 0:
-        return torch.empty(0, dtype=torch.long, device=device)
+        return torch.empty(0, dtype=torch.long)
     if gamma >= 1.0:  # the limit: quality only (stable: ties keep index order)
         return torch.sort(quality, descending=True, stable=True).indices[:k]
 
     f = features.to(dtype)
     w = 1.0 - gamma
     base = gamma * quality.to(dtype)  # the quality part of every gain
-    neg_inf = torch.tensor(-math.inf, dtype=dtype, device=device)
+    neg_inf = torch.tensor(-math.inf, dtype=dtype)
     ub = base + w * torch.log(sigma + (f * f).sum(1))  # upper bound of each gain (exact at P = I)
-    fresh = torch.zeros(n, dtype=torch.bool, device=device)  # ub exact at the current P
-    p = torch.eye(d, dtype=dtype, device=device)
+    fresh = torch.zeros(n, dtype=torch.bool)  # ub exact at the current P
+    p = torch.eye(d, dtype=dtype)
     out = torch.empty(k, dtype=torch.long)
     block = max(1, int(block))
     n_refills = n_exact = 0
@@ -158,4 +157,4 @@ def _greedy_dpp(features: torch.Tensor, quality: torch.Tensor, k: int, gamma: fl
         score_c.log_().mul_(w).add_(base_c)
     if stats is not None:
         stats.update(refills=n_refills, exact_evaluations=n_exact)
-    return out.to(device)
+    return out
