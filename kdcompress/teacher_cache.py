@@ -3,12 +3,14 @@ the frozen teacher's forward pass (most of a distillation epoch on a CPU).
 
 The augmented image of sample ``i`` in epoch ``e`` is a pure function of (seed, e, i) (see
 ``BatchLoader``), so the teacher's output on it is too, given the teacher, the prepared data, the
-seed, the augmentation settings and the teacher runtime: those form the cache key. Only the parts
-a method reads are stored (``logits`` and/or the pooled ``embedding``, float32, so a hit returns
-exactly what the live teacher returned when the entry was written); methods that read feature maps
-keep the live teacher. One file per epoch with a mask of the samples filled (a SAKD run fills only
-its subset), written atomically when the epoch ends. The folder lives outside DVC's outputs and is
-capped (``KDCOMPRESS_CACHE_GB``, default 4): the least recently used keys are removed first.
+seed, the augmentation settings and the teacher runtime: those form the cache key. Both parts a
+method may read are stored whatever the filling method reads (``logits`` and the pooled
+``embedding``, float32, so a hit returns exactly what the live teacher returned when the entry was
+written): one fill of a seed serves the logit and the embedding methods of a sweep alike. Methods
+that read feature maps keep the live teacher. One file per epoch with a mask of the samples filled
+(a SAKD run fills only its subset), written atomically when the epoch ends. The folder lives
+outside DVC's outputs and is capped (``KDCOMPRESS_CACHE_GB``, default 4): the least recently used
+keys are removed first.
 """
 
 from __future__ import annotations
@@ -40,11 +42,11 @@ def cache_key(**what) -> str:
 
 def for_run(teacher: str | Path, data_dir: str | Path, num_samples: int, parts: frozenset[str], runtime: str,
             **view) -> TeacherCache:
-    """The cache of one teacher (file), prepared training split, teacher runtime and stored parts,
-    for one view of the images (``view``: seed and augmentation settings, or ``clean=True``); says
-    in one line how many epochs it already holds."""
+    """The cache of one teacher (file), prepared training split and teacher runtime, for one view of
+    the images (``view``: seed and augmentation settings, or ``clean=True``), for a run that reads
+    ``parts``; says in one line how many epochs it already holds."""
     key = cache_key(teacher=file_sha(teacher), data=file_sha(Path(data_dir) / "train.pt"), runtime=runtime,
-                    parts=sorted(parts), **view)
+                    **view)
     cache = TeacherCache(cache_root(), key, num_samples, parts)
     print(f"teacher cache {key} ({', '.join(f'{k}={v}' for k, v in view.items())}): "
           f"{cache.cached_epochs()} epochs stored in {cache_root()}")
@@ -57,7 +59,8 @@ def folder_bytes(path: Path) -> int:
 
 class TeacherCache:
     """``begin_epoch(e)``, then per batch ``lookup(index)`` (a ``ModelOutput`` or None) and, on a
-    miss, ``store(index, out)``; ``end_epoch()`` writes what the epoch added."""
+    miss, ``store(index, out)``; ``end_epoch()`` writes what the epoch added. ``parts``: what this
+    run reads; an epoch stored without one of them is a miss, and is rewritten with all parts."""
 
     def __init__(self, root: str | Path, key: str, num_samples: int, parts: frozenset[str],
                  max_bytes: int | None = None):
@@ -93,7 +96,7 @@ class TeacherCache:
             except Exception:  # noqa: BLE001 - a damaged entry is a miss, rewritten at the epoch's end
                 blob = None
         if blob is not None and set(self.parts) <= set(blob) and len(blob["filled"]) == self.num_samples:
-            self.arrays, self.filled = {k: blob[k] for k in self.parts}, blob["filled"]
+            self.arrays, self.filled = {k: blob[k] for k in CACHEABLE if k in blob}, blob["filled"]
         else:
             self.arrays, self.filled = {}, torch.zeros(self.num_samples, dtype=torch.bool)
 
@@ -110,9 +113,14 @@ class TeacherCache:
 
     def store(self, index: torch.Tensor, out: ModelOutput) -> None:
         idx = index.cpu()
-        for part in self.parts:
-            value = getattr(out, part).detach().float().cpu()
+        for part in sorted(CACHEABLE):
+            value = getattr(out, part)
+            if value is None:
+                continue
+            value = value.detach().float().cpu()
             if part not in self.arrays:
+                if bool(self.filled.any()):  # an entry begun without this part stays without it
+                    continue
                 self.arrays[part] = torch.zeros(self.num_samples, *value.shape[1:], dtype=torch.float32)
             self.arrays[part][idx] = value
         self.filled[idx] = True

@@ -1,5 +1,6 @@
 """The teacher-output cache: a second run reads the teacher's outputs from disk and trains the
-student to exactly the same weights as a live teacher; partial (SAKD) fills, damage and the cap."""
+student to exactly the same weights as a live teacher, also when another method filled it;
+partial (SAKD) fills, damage and the cap."""
 
 from __future__ import annotations
 
@@ -50,6 +51,15 @@ def test_a_cache_hit_trains_exactly_like_the_live_teacher(method, tiny_loaders, 
     for result in (first, second):
         assert all(torch.equal(v, result.last_state["student"][k]) for k, v in live.last_state["student"].items())
     assert cache.cached_epochs() == CFG.epochs
+
+
+def test_one_fill_serves_logit_and_embedding_methods(tiny_loaders, tmp_path):
+    train, val = tiny_loaders
+    live, _, _ = run("rkd", train, val)
+    run("kd", train, val, tmp_path)  # a logit method fills the entry ...
+    shared, calls, cache = run("rkd", train, val, tmp_path)  # ... and an embedding method reads it
+    assert calls == 1 and cache.misses == 0
+    assert all(torch.equal(v, shared.last_state["student"][k]) for k, v in live.last_state["student"].items())
 
 
 def test_feature_map_methods_and_teacherless_ones_keep_the_live_teacher():
