@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import FakeNet, make_split
+from conftest import ROOT, FakeNet, make_split, write_fashion_idx, write_params
 from kdcompress.config import TrainConfig
 from kdcompress.data import BatchLoader
 from kdcompress.distiller import Distiller
@@ -98,10 +98,6 @@ def test_torchrun_runs_the_distill_stage_in_two_processes(tmp_path):
     import os
     import subprocess
     import sys
-
-    from conftest import write_params
-
-    from conftest import ROOT, write_fashion_idx
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     write_fashion_idx(tmp_path / "raw")

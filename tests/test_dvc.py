@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, write_fashion_idx
-from conftest import write_params
+from conftest import ROOT, write_fashion_idx, write_params
 
 pytestmark = [pytest.mark.skipif(shutil.which("git") is None, reason="needs git"), pytest.mark.slow]
 

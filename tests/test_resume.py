@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, FakeNet
+from conftest import ROOT, FakeNet, write_fashion_idx, write_params
 from kdcompress.config import SAKDConfig, TrainConfig
 from kdcompress.distiller import Distiller
 from kdcompress.io import atomic_write
@@ -136,10 +136,6 @@ def _distill(folder, *extra):
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
-    from conftest import write_params
-
-    from conftest import write_fashion_idx
-
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     killed.mkdir()
