@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from kdcompress.common.tracking import ensure_store, file_sha
 from kdcompress.io import atomic_write, write_json
-from kdcompress.tracking import ensure_store, file_sha
 from pipeline import benchmark, distill, evaluate, export, quantize
 from pipeline import ship as ship_stage
 from pipeline import train_teacher as teacher_stage

@@ -19,12 +19,11 @@ import argparse
 import json
 from pathlib import Path
 
-
 from benchmarks._runs import mean_std, pin_teacher, read_sweep, run_all, sweep_arguments
 from kdcompress.io import atomic_write
-from kdcompress.leaderboard import RANKED
-from kdcompress.losses import LOSSES
-from kdcompress.metrics import rank_table
+from kdcompress.methods import LOSSES
+from kdcompress.report.leaderboard import RANKED
+from kdcompress.report.metrics import rank_table
 
 SHOWN = ["top1", "ece", "nll", "agreement", "kl_teacher_student", "logit_cosine", "entropy", "epoch_seconds"]
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
 from benchmarks._runs import mean_std, pin_teacher, read_sweep, run_all, sweep_arguments, train_teacher
 from kdcompress.io import atomic_write
 

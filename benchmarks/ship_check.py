@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from kdcompress.datasets import read_idx
+from kdcompress.data.sources import read_idx
 
 
 def main(argv=None):

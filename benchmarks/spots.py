@@ -63,11 +63,11 @@ def step_time(methods: list[str], teacher_path: Path, steps: int, out: Path) -> 
     import torch
 
     from kdcompress.config import RoutingConfig, load_params
-    from kdcompress.data import load_prepared
-    from kdcompress.distiller import Distiller
-    from kdcompress.losses import build_loss
-    from kdcompress.ort_teacher import OrtTeacher
-    from kdcompress.routing import SpotRouter
+    from kdcompress.data.prepared import load_prepared
+    from kdcompress.methods import build_loss
+    from kdcompress.training.distiller import Distiller
+    from kdcompress.training.ort_teacher import OrtTeacher
+    from kdcompress.training.routing import SpotRouter
     from pipeline._common import build_model, load_model, loader
 
     params = load_params("params.yaml")

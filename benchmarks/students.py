@@ -16,7 +16,6 @@ import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-
 from benchmarks._runs import pin_teacher, read_sweep, run_student, sweep_arguments
 from kdcompress.io import atomic_write, write_json
 

@@ -17,8 +17,8 @@ import time
 import torch
 
 from benchmarks._runs import TEACHER
-from kdcompress.data import load_prepared
-from kdcompress.ort_teacher import OrtTeacher
+from kdcompress.data.prepared import load_prepared
+from kdcompress.training.ort_teacher import OrtTeacher
 from pipeline._common import load_model, loader
 
 

@@ -18,7 +18,7 @@ class Classifier(nn.Module):
     The forward pass is a chain of named boundaries: every stage, then ``embedding`` (the global
     average pool of the last stage), then ``logits``. ``run(x, start, stop)`` continues it from the
     output at boundary ``start`` (None: the input image) up to boundary ``stop``, which is what
-    spot-adaptive distillation needs to graft teacher and student stages (kdcompress.routing)."""
+    spot-adaptive distillation needs to graft teacher and student stages (kdcompress.training.routing)."""
 
     stem: nn.Module
     stages: nn.ModuleDict

@@ -1,126 +1,24 @@
-"""Stage 3: distil the student: Distiller (student + frozen teacher + the chosen KD loss, with
-fixed or spot-adaptive spots) and a sample selector (all samples, or SAKD), trained by the shared
-fit() loop."""
+"""Stage 3: distil the student from the frozen teacher with the chosen KD method, fixed or
+spot-adaptive spots, and all samples or SAKD's selection."""
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-
-import torch
-
-from kdcompress import distributed, figures, tracking
-from kdcompress.checkpoint import save_checkpoint
-from kdcompress.data import load_prepared
-from kdcompress.distiller import Distiller
-from kdcompress.io import write_csv, write_json
-from kdcompress.losses import build_loss, check_methods
-from kdcompress.ort_teacher import OrtTeacher, use_ort_teacher
-from kdcompress.routing import build_router, routing_history
-from kdcompress.selection.build import build_selector
-from kdcompress.teacher_cache import TeacherCache, for_run
-from kdcompress.train import fit
-from kdcompress.types import UserError
-from pipeline._common import build_model, load_model, loader, resume_point, setup, stage
+from kdcompress.training.student import distill
+from models import create_model
+from pipeline._common import setup, stage
 
 
 @stage
 def main(argv=None):
-    args, params, device = setup(argv, "distill", data="artifacts/data", teacher="artifacts/teacher/teacher.pt",
-                                 out="artifacts/student/student.pt", resume="artifacts/resume/distill.pt",
-                                 metrics="artifacts/metrics/distill.json", plots="artifacts/plots/distill_history.csv",
-                                 rounds="artifacts/plots/selection_rounds.csv",
-                                 routing="artifacts/plots/spot_routing.csv")
-    cfg, seed = params["distill"], params["base"].seed
-    check_methods(params["methods"])
-    loss = build_loss(cfg.method, params["methods"].get(cfg.method))
-    if cfg.sampling != "full" and (loss is None or not loss.selects_samples):
-        raise UserError(f"distill.sampling: {cfg.sampling!r} needs a method that distils on the real samples; "
-                        f"method {cfg.method!r} allows: full")
-    if loss is None and (cfg.ce_weight is not None or cfg.kd_weight is not None):
-        raise UserError("distill.ce_weight / distill.kd_weight: method 'ce' trains on cross-entropy alone; "
-                        "allowed: null (or pick a distillation method)")
-    world = distributed.world()[1]
-    if world > 1 and cfg.method == "data_free":
-        raise UserError(f"base.nproc: {world} processes do not run method 'data_free' yet (every process would "
-                        "generate the same images); allowed: base.nproc: 1")
-    router = build_router(cfg.spots, loss, params["routing"], world)
-    ort_teacher = use_ort_teacher(cfg.teacher_runtime, loss, device)
-    data = load_prepared(args.data, splits=("train", "val"))
-    meta = {"classes": data.classes, "input_shape": data.input_shape, "mean": data.mean, "std": data.std}
-    student = build_model(cfg.student, len(data.classes), data.input_shape[0])
-    student = student.to(device, memory_format=torch.channels_last)
-    teacher = None
-    if (loss is not None and loss.needs_teacher) or cfg.sampling != "full":
-        teacher = load_model(args.teacher, device, data)
-        if ort_teacher:
-            teacher = OrtTeacher(teacher, data.input_shape)
-    distiller = Distiller(student, teacher, loss, cfg.ce_weight, cfg.kd_weight, cfg.label_smoothing, router)
-    runtime = f"{'onnxruntime' if isinstance(teacher, OrtTeacher) else 'torch'}-{device.type}"
-    parts = loss.teacher_parts() if teacher is not None else None
-    if router is not None:
-        parts |= router.teacher_parts()
-    if cfg.teacher_cache and TeacherCache.usable(parts) and world == 1:  # ranks would each store their share
-        distiller.cache = for_run(args.teacher, args.data, len(data.train), parts, runtime, seed=seed,
-                                  crop_padding=cfg.crop_padding, hflip=cfg.hflip)
-    train = loader(data.train, meta, device, cfg.batch_size, crop_padding=cfg.crop_padding, hflip=cfg.hflip, seed=seed)
-    val = loader(data.val, meta, device, cfg.eval_batch_size)
-    clean_cache = None  # SAKD's first difficulty pass sees clean images: the same for every run of a sweep
-    if cfg.sampling == "sakd" and cfg.teacher_cache and world == 1:
-        clean_cache = for_run(args.teacher, args.data, len(data.train), frozenset({"logits", "embedding"}),
-                              runtime + ("-int8" if params["sakd"].pass_teacher == "int8" else ""), clean=True)
-    # SAKD's difficulty pass batches like training (measured 1.4x faster than batch 1024 on 2 CPU cores),
-    # over the training loader's tensors: no second copy of the training set on the device
-    selector = build_selector(cfg.sampling, params["sakd"], distiller, train.view(cfg.batch_size),
-                              epochs=cfg.epochs, seed=seed, clean_cache=clean_cache)
-    logged = {"distill": dataclasses.asdict(cfg), "base": dataclasses.asdict(params["base"]),
-              f"methods.{cfg.method}": params["methods"].get(cfg.method, {})}
-    if cfg.sampling == "sakd":
-        logged["sakd"] = dataclasses.asdict(params["sakd"])
-    if router is not None:
-        logged["routing"] = dataclasses.asdict(params["routing"])
-    point, resumed = resume_point(args.resume, "distill", params, ("base", "distill", "methods", "sakd", "routing"),
-                                  [args.data, args.teacher] if teacher is not None else [args.data])
-    if not distributed.is_main():  # the other ranks train their share of every batch and write nothing
-        fit(distiller, train, val, selector, cfg, resume=resumed, precision=params["base"].precision)
-        return
-    tags = {"kdcompress.method": cfg.method, "kdcompress.student": cfg.student, "kdcompress.sampling": cfg.sampling,
-            "kdcompress.spots": cfg.spots, "kdcompress.teacher_runtime": runtime.split("-")[0]}
-    with tracking.start_run("student", f"{cfg.student}-{cfg.method}-{cfg.sampling}", tags,
-                            run_id=resumed and resumed["mlflow_run_id"]) as run:
-        tracking.log_params(logged)
-        result = fit(distiller, train, val, selector, cfg, callbacks=[tracking.log_epoch], resume=resumed,
-                     checkpoint=lambda state: point.save(state, mlflow_run_id=run.info.run_id),
-                     precision=params["base"].precision)
-        save_checkpoint(args.out, cfg.student, len(data.classes), data.input_shape[0], result.best_state,
-                        best_epoch=result.best_epoch, val_acc=result.best_val_acc, method=cfg.method)
-        tracking.tag_checkpoint(args.out)
-        summary = {"val_acc": result.best_val_acc, "best_epoch": result.best_epoch, "train_seconds": result.seconds,
-                   "samples_seen": sum(h["samples"] for h in result.history)}
-        if distiller.cache is not None:
-            print(distiller.cache.summary())
-            summary["teacher_cache_hit_fraction"] = distiller.cache.hits / max(1, distiller.cache.hits
-                                                                                + distiller.cache.misses)
-        tracking.log_metrics(summary)
-        curves = figures.training_curves(result.history, f"{cfg.student} student ({cfg.method}, {cfg.sampling})")
-        tracking.log_figure(curves, "training_curves.png", Path(args.plots).with_suffix(".png"))
-        write_csv(args.rounds, selector.history or [{"epoch": None}])
-        if selector.history:
-            tracking.log_artifact(args.rounds)
-        routing = routing_history(result.history) if router is not None else []
-        write_csv(args.routing, routing or [{"epoch": None}])
-        figure = figures.spot_routing(routing, f"{cfg.student} student ({cfg.method}, {cfg.spots} spots)")
-        if router is not None:
-            tracking.log_figure(figure, "spot_routing.png", Path(args.routing).with_suffix(".png"))
-            tracking.log_artifact(args.routing)
-        else:  # the DVC plot exists for every run; MLflow shows it where there is routing
-            figures.save(figure, Path(args.routing).with_suffix(".png"))
-    write_json(args.metrics, summary)
-    write_csv(args.plots, result.history, columns=["epoch", "train_loss", "train_acc", "val_acc", "lr", "samples",
-                                                   "epoch_seconds"])
-    point.clear()
-    print(f"student {cfg.student} ({cfg.method}, {cfg.sampling}): val_acc {result.best_val_acc:.4f} "
-          f"({result.seconds:.0f}s) -> {args.out}")
+    args, params = setup(argv, "distill", data="artifacts/data", teacher="artifacts/teacher/teacher.pt",
+                         out="artifacts/student/student.pt", resume="artifacts/resume/distill.pt",
+                         metrics="artifacts/metrics/distill.json", plots="artifacts/plots/distill_history.csv",
+                         rounds="artifacts/plots/selection_rounds.csv", routing="artifacts/plots/spot_routing.csv")
+    summary = distill(params, args, create_model)
+    if summary is not None:
+        cfg = params["distill"]
+        print(f"student {cfg.student} ({cfg.method}, {cfg.sampling}): val_acc {summary['val_acc']:.4f} "
+              f"({summary['train_seconds']:.0f}s) -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -5,25 +5,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdcompress import figures, tracking
-from kdcompress.data import load_prepared
+from kdcompress.common import tracking
+from kdcompress.common.checkpoint import load_model
+from kdcompress.data.loader import make_loader
+from kdcompress.data.prepared import load_prepared
 from kdcompress.io import write_csv, write_json
-from kdcompress.metrics import classification_metrics, confusion_matrix, reliability_bins
-from kdcompress.train import predict
-from pipeline._common import load_model, loader, setup, stage
+from kdcompress.report import figures
+from kdcompress.report.metrics import classification_metrics, confusion_matrix, reliability_bins
+from kdcompress.runtime import resolve_device
+from kdcompress.training.loop import predict
+from models import create_model
+from pipeline._common import setup, stage
 
 
 @stage
 def main(argv=None):
-    args, params, device = setup(argv, "evaluate", data="artifacts/data", teacher="artifacts/teacher/teacher.pt",
-                                 student="artifacts/student/student.pt", metrics="artifacts/metrics/evaluate.json",
-                                 plots="artifacts/plots")
+    args, params = setup(argv, "evaluate", data="artifacts/data", teacher="artifacts/teacher/teacher.pt",
+                         student="artifacts/student/student.pt", metrics="artifacts/metrics/evaluate.json",
+                         plots="artifacts/plots")
+    device = resolve_device(params["base"].device)
     cfg = params["evaluate"]
     data = load_prepared(args.data, splits=("test",))
-    test = loader(data.test, {"mean": data.mean, "std": data.std}, device, cfg.batch_size)
+    test = make_loader(data, "test", device, cfg.batch_size)
     logits = {}
     for role, path in (("teacher", args.teacher), ("student", args.student)):
-        logits[role], labels = predict(load_model(path, device, data), test, desc=f"test {role}")
+        logits[role], labels = predict(load_model(path, device, create_model, data), test, desc=f"test {role}")
     report = {"teacher": classification_metrics(logits["teacher"], labels, n_bins=cfg.ece_bins),
               "student": classification_metrics(logits["student"], labels, logits["teacher"], n_bins=cfg.ece_bins)}
     plots = Path(args.plots)

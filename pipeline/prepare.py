@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 
-from kdcompress.data import Prepared, Split, channel_stats, save_prepared, split_train_val
-from kdcompress.datasets import load_source
+from kdcompress.data.prepared import Prepared, Split, channel_stats, save_prepared, split_train_val
+from kdcompress.data.sources import load_source
 from pipeline._common import setup, stage
 
 
 @stage
 def main(argv=None):
-    args, params, _ = setup(argv, "prepare", out="artifacts/data")
+    args, params = setup(argv, "prepare", out="artifacts/data")
     cfg = params["data"]
     raw = load_source(cfg)
     train, val = split_train_val(raw.train_images, raw.train_labels, cfg.val_fraction, params["base"].seed)

@@ -4,26 +4,27 @@ the gate is written for inspection; the ship stage never ships it."""
 
 from __future__ import annotations
 
-from kdcompress import tracking
-from kdcompress.data import load_prepared
-from kdcompress.export import METADATA_KEYS, ort_predict, read_metadata
+from kdcompress.common import tracking
+from kdcompress.common.int8 import calibration_batches, int8_path, quantize
+from kdcompress.common.onnx import METADATA_KEYS, ort_predict, read_metadata
+from kdcompress.data.loader import make_loader
+from kdcompress.data.prepared import load_prepared
+from kdcompress.deploy.quantize import gate
 from kdcompress.io import write_json
-from kdcompress.quantize import calibration_batches, gate, int8_path, quantize
-from pipeline._common import loader, setup, stage
+from pipeline._common import setup, stage
 
 
 @stage
 def main(argv=None):
-    args, params, _ = setup(argv, "quantize", data="artifacts/data", onnx="artifacts/onnx",
+    args, params = setup(argv, "quantize", data="artifacts/data", onnx="artifacts/onnx",
                             student="artifacts/student/student.pt", metrics="artifacts/metrics/quantize.json")
     cfg, seed = params["quantize"], params["base"].seed
     paths = {role: f"{args.onnx}/{role}.onnx" for role in ("student", "teacher")}
     for path in paths.values():
         read_metadata(path, METADATA_KEYS)
     data = load_prepared(args.data, splits=("train", "test"))
-    meta = {"mean": data.mean, "std": data.std}
-    calibration = loader(data.train, meta, "cpu", 64)
-    test = [x.numpy() for x, _, _ in loader(data.test, meta, "cpu", 1024).batches()]
+    calibration = make_loader(data, "train", "cpu", 64)
+    test = [x.numpy() for x, _, _ in make_loader(data, "test", "cpu", params["evaluate"].batch_size).batches()]
     labels = data.test.labels.numpy()
     report = {}
     for role, fp32 in paths.items():

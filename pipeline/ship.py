@@ -7,11 +7,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from kdcompress import predict, tracking
-from kdcompress.export import METADATA_KEYS, read_metadata
+from kdcompress.common import tracking
+from kdcompress.common.int8 import int8_path
+from kdcompress.common.onnx import METADATA_KEYS, read_metadata
+from kdcompress.deploy import predict
+from kdcompress.deploy.ship import decide, summary
 from kdcompress.io import atomic_dir, read_json, write_json
-from kdcompress.quantize import int8_path
-from kdcompress.ship import card, decide, summary
+from kdcompress.report.card import card
 from kdcompress.types import UserError
 from pipeline._common import parser, stage
 
@@ -19,10 +21,11 @@ from pipeline._common import parser, stage
 @stage
 def main(argv=None):
     args = parser("ship", onnx="artifacts/onnx", student="artifacts/student/student.pt",
-                  evaluation="artifacts/metrics/evaluate.json", quantization="artifacts/metrics/quantize.json",
+                  evaluation="artifacts/metrics/evaluate.json", export="artifacts/metrics/export.json",
+                  quantization="artifacts/metrics/quantize.json",
                   benchmark="artifacts/metrics/benchmark.json", out="artifacts/ship",
                   metrics="artifacts/metrics/summary.json").parse_args(argv)
-    evaluation = read_json(args.evaluation, "evaluate")
+    evaluation, export = read_json(args.evaluation, "evaluate"), read_json(args.export, "export")
     quant, bench = read_json(args.quantization, "quantize"), read_json(args.benchmark, "benchmark")
     fp32 = Path(args.onnx) / "student.onnx"
     models = {"fp32": fp32, "int8": int8_path(fp32)}
@@ -30,10 +33,11 @@ def main(argv=None):
     try:
         edge = {p: bench["student"][p]["ort_edge"]["p50_ms"] for p in models}
         precision, reason = decide(quant["student"], edge["fp32"], edge["int8"])
-        text = card(metadata[precision], precision, reason, evaluation, quant, bench)
+        text = card(metadata[precision], precision, reason, evaluation, export, quant, bench)
         figures = summary(precision, evaluation, quant["student"], bench)
     except KeyError as err:
-        raise UserError(f"{args.benchmark} or {args.quantization}: key {err} missing; rerun those stages") from None
+        raise UserError(f"{args.export}, {args.benchmark} or {args.quantization}: key {err} missing; rerun those "
+                        "stages") from None
     with atomic_dir(args.out) as out:
         shutil.copyfile(models[precision], out / "model.onnx")
         if precision == "int8":

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from kdcompress.data import BatchLoader, Split  # noqa: E402
+from kdcompress.data.loader import BatchLoader
+from kdcompress.data.prepared import Split  # noqa: E402
 from models.base import Classifier  # noqa: E402
 
 torch.set_num_threads(1)

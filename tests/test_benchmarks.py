@@ -4,7 +4,7 @@ sessions on different machines (benchmarks._runs.pin_teacher)."""
 import pytest
 
 from benchmarks import _runs
-from kdcompress.tracking import file_sha
+from kdcompress.common.tracking import file_sha
 
 
 def test_pin_teacher_copies_the_dvc_teacher_once_and_refuses_another(tmp_path, monkeypatch):
@@ -136,7 +136,7 @@ def test_sakd_pair_pins_its_own_teacher_and_a_method_rerun_starts_on_the_method_
     import shutil
 
     from benchmarks import methods, sakd
-    from kdcompress.checkpoint import read_checkpoint
+    from kdcompress.common.checkpoint import read_checkpoint
     from pipeline import prepare
 
     assert prepare.main([]) == 0

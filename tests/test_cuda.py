@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import FakeNet, make_split
+
 from kdcompress.config import TrainConfig
-from kdcompress.data import BatchLoader
-from kdcompress.distiller import Distiller
-from kdcompress.losses import build_loss
-from kdcompress.selection import FullData
-from kdcompress.selection.dpp import greedy_dpp
-from kdcompress.train import fit
+from kdcompress.data.loader import BatchLoader
+from kdcompress.methods import build_loss
+from kdcompress.training.distiller import Distiller
+from kdcompress.training.loop import fit
+from kdcompress.training.selection import FullData
+from kdcompress.training.selection.dpp import greedy_dpp
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

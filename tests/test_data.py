@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import make_split
-from kdcompress.data import BatchLoader, Prepared, channel_stats, load_prepared, save_prepared, split_train_val
+
+from kdcompress.data.loader import BatchLoader
+from kdcompress.data.prepared import Prepared, channel_stats, load_prepared, save_prepared, split_train_val
 
 
 def test_split_is_seeded_disjoint_and_complete():

@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_idx
 from PIL import Image
 
 from kdcompress.config import DataConfig
-from kdcompress.datasets import READERS, load_source, read_idx
+from kdcompress.data.sources import READERS, load_source, read_idx
 from kdcompress.types import UserError
-
-from conftest import write_idx
 
 
 def cfg(dataset: str, root: Path, **kw) -> DataConfig:

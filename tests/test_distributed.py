@@ -11,15 +11,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from conftest import ROOT, FakeNet, make_split, write_fashion_idx, write_params
+
 from kdcompress.config import TrainConfig
-from kdcompress.data import BatchLoader
-from kdcompress.distiller import Distiller
-from kdcompress.losses import build_loss
+from kdcompress.data.loader import BatchLoader
+from kdcompress.methods import build_loss
 from kdcompress.runtime import seed_everything
-from kdcompress.selection import FullData
-from kdcompress.train import fit
+from kdcompress.training.distiller import Distiller
+from kdcompress.training.loop import fit
+from kdcompress.training.selection import FullData
 
 CFG = TrainConfig(epochs=2, batch_size=16, lr=0.05, crop_padding=1, hflip=True)
 
@@ -62,7 +62,7 @@ def test_two_processes_take_the_steps_of_one(method, tmp_path):
 
 def first_round() -> dict:
     from kdcompress.config import SAKDConfig
-    from kdcompress.selection.sakd import SAKDSelector
+    from kdcompress.training.selection.sakd import SAKDSelector
 
     seed_everything(0, num_threads=1)
     loader = BatchLoader(make_split(64, seed=0), [0.5], [0.25], batch_size=16)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdcompress.selection.dpp import dpp_gains, greedy_dpp
+from kdcompress.training.selection.dpp import dpp_gains, greedy_dpp
 
 
 def brute_force_greedy(features: torch.Tensor, quality: torch.Tensor, k: int, gamma: float, sigma: float) -> list[int]:

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, write_fashion_idx, write_params
 
 pytestmark = [pytest.mark.skipif(shutil.which("git") is None, reason="needs git"), pytest.mark.slow]
@@ -54,14 +53,16 @@ def test_dvc_repro_noop_metrics_and_experiment(tmp_path):
     assert "Running stage" not in again and "didn't change" in again
 
     # a change to code or raw data reruns exactly the stages that import or read it
-    with open(repo / "kdcompress/metrics.py", "a") as f:
-        f.write("# touched\n")
+    for touched in ("kdcompress/report/metrics.py", "kdcompress/report/card.py", "kdcompress/report/leaderboard.py"):
+        with open(repo / touched, "a") as f:
+            f.write("# touched\n")
     status = run(dvc + ["status"], repo, env)
-    assert "evaluate:" in status and "train_teacher:" not in status and "distill:" not in status
+    assert "evaluate:" in status and "ship:" in status  # the metrics and the card
+    assert "train_teacher:" not in status and "distill:" not in status
     raw = next((repo / "data").iterdir())
     raw.write_bytes(raw.read_bytes() + b"\0")
     assert "prepare:" in run(dvc + ["status"], repo, env)
-    run(["git", "checkout", "kdcompress/metrics.py"], repo, env)
+    run(["git", "checkout", "kdcompress/report"], repo, env)
     raw.write_bytes(raw.read_bytes()[:-1])
     assert "up to date" in run(dvc + ["status"], repo, env)
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT
 
 PACKAGES = ("kdcompress", "models", "pipeline")
@@ -101,6 +100,6 @@ def test_inputs_outside_the_commands_are_deps():
 
 
 def test_the_closure_finds_function_level_imports_and_skips_type_checking_ones():
-    assert "kdcompress/figures.py" in closure("kdcompress.tracking")  # imported inside log_figure
-    assert "kdcompress/losses/base.py" not in closure("kdcompress.distiller")  # only for annotations
-    assert "kdcompress/selection/__init__.py" in closure("kdcompress.selection.full")  # the package runs first
+    assert "kdcompress/common/int8.py" in closure("kdcompress.training.ort_teacher")  # imported inside a method
+    assert "kdcompress/methods/base.py" not in closure("kdcompress.training.distiller")  # only for annotations
+    assert "kdcompress/training/selection/__init__.py" in closure("kdcompress.training.selection.full")  # package first

@@ -6,8 +6,9 @@ import onnx
 import pytest
 import torch
 
-from kdcompress.export import ParityError, metadata_for, parity, read_metadata, save_onnx, to_onnx
-from kdcompress.profiling import count_macs, count_params
+from kdcompress.common.onnx import ParityError, parity, read_metadata, save_onnx, to_onnx
+from kdcompress.deploy.export import metadata_for
+from kdcompress.deploy.profiling import count_macs, count_params
 from models import MODELS, create_model
 
 
@@ -51,7 +52,7 @@ def test_params_and_macs_hand_counted():
 def test_ort_teacher_extract_matches_pytorch(arch):
     """The onnxruntime teacher gives the same logits, embedding and named stage outputs as the
     PyTorch model, for a channels_last input and a batch size it was not exported with."""
-    from kdcompress.ort_teacher import OrtTeacher
+    from kdcompress.training.ort_teacher import OrtTeacher
 
     model = create_model(arch, 10, 1).eval()
     x = torch.randn(5, 1, 28, 28).contiguous(memory_format=torch.channels_last)
@@ -68,7 +69,7 @@ def test_ort_teacher_extract_matches_pytorch(arch):
 def test_int8_twin_of_the_ort_teacher_is_quantized_and_close():
     """The int8 teacher for SAKD's difficulty pass: QDQ nodes in its graph, the fp32 teacher left as
     it was, and outputs close to fp32 (it only has to rank samples)."""
-    from kdcompress.ort_teacher import OrtTeacher
+    from kdcompress.training.ort_teacher import OrtTeacher
 
     torch.manual_seed(0)
     model = create_model("tinycnn", 10, 1).eval()
@@ -87,9 +88,9 @@ def test_int8_twin_of_the_ort_teacher_is_quantized_and_close():
 def test_distillation_step_same_with_ort_teacher(method):
     """A logit, a feature and an embedding method: same loss and same student gradients whether the
     teacher runs on PyTorch or onnxruntime."""
-    from kdcompress.distiller import Distiller
-    from kdcompress.losses import build_loss
-    from kdcompress.ort_teacher import OrtTeacher
+    from kdcompress.methods import build_loss
+    from kdcompress.training.distiller import Distiller
+    from kdcompress.training.ort_teacher import OrtTeacher
 
     teacher = create_model("resnet20", 10, 1).eval()
     x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
@@ -110,8 +111,8 @@ def test_distillation_step_same_with_ort_teacher(method):
 
 def test_teacher_runtime_auto():
     """auto: onnxruntime on the CPU, PyTorch on CUDA and for a method that needs the teacher's grads."""
-    from kdcompress.losses import build_loss
-    from kdcompress.ort_teacher import use_ort_teacher
+    from kdcompress.methods import build_loss
+    from kdcompress.training.ort_teacher import use_ort_teacher
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     kd, data_free = build_loss("kd", None), build_loss("data_free", None)

@@ -10,17 +10,17 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import FakeNet
+
 from kdcompress.config import TrainConfig
-from kdcompress.distiller import Distiller
-from kdcompress.losses import LOSSES, build_loss, method_defaults
-from kdcompress.losses._features import match_spatial
-from kdcompress.losses.dkd import dkd_terms
-from kdcompress.losses.kd import kl_per_sample
-from kdcompress.losses.schedule import scheduled_value
-from kdcompress.selection.full import FullData
-from kdcompress.train import fit
+from kdcompress.methods import LOSSES, build_loss, method_defaults
+from kdcompress.methods._features import match_spatial
+from kdcompress.methods.dkd import dkd_terms
+from kdcompress.methods.kd import kl_per_sample
+from kdcompress.methods.schedule import scheduled_value
+from kdcompress.training.distiller import Distiller
+from kdcompress.training.loop import fit
+from kdcompress.training.selection.full import FullData
 from kdcompress.types import ModelOutput, UserError
 
 METHODS = sorted(name for name in LOSSES if name != "ce")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kdcompress.metrics import classification_metrics, confusion_matrix, rank_table, reliability_bins
+from kdcompress.report.metrics import classification_metrics, confusion_matrix, rank_table, reliability_bins
 
 # Three samples, three classes. Logits are log-probabilities, so softmax gives these rows back.
 P = [[0.80, 0.15, 0.05],  # label 0: correct, conf 0.80

@@ -82,9 +82,9 @@ def test_torchvision_model_computes_what_torchvision_does_and_its_classifier_rea
 
 
 def test_torchvision_student_exports_and_distils_with_a_feature_method():
-    from kdcompress.distiller import Distiller
-    from kdcompress.export import ort_predict, to_onnx
-    from kdcompress.losses import build_loss
+    from kdcompress.common.onnx import ort_predict, to_onnx
+    from kdcompress.methods import build_loss
+    from kdcompress.training.distiller import Distiller
 
     torch.manual_seed(0)
     student, teacher = create_model("tv:mobilenet_v3_small", 10, 1), create_model("tv:resnet18", 10, 1).eval()

@@ -7,9 +7,10 @@ import json
 
 import onnx
 import pytest
-
 from conftest import TINY, write_params
+
 from pipeline import benchmark, distill, evaluate, export, prepare, quantize, ship, train_teacher
+
 
 @pytest.mark.slow
 def test_all_stages_end_to_end(project, capsys):
@@ -53,7 +54,7 @@ def test_all_stages_end_to_end(project, capsys):
     assert (project / "artifacts/plots/spot_routing.csv").read_text().strip() == "epoch"  # fixed spots: no routing
     for name in ("reliability.png", "confusion.png", "distill_history.png", "teacher_history.png", "spot_routing.png"):
         assert (project / "artifacts/plots" / name).read_bytes()[:4] == b"\x89PNG"
-    assert "Parity ONNX vs PyTorch" in (project / "artifacts/onnx/student.md").read_text()
+    assert "Parity ONNX vs PyTorch" in (project / "artifacts/ship/MODEL_CARD.md").read_text()
 
     bench = json.loads((project / "artifacts/metrics/benchmark.json").read_text())
     for role in ("student", "teacher"):
@@ -74,6 +75,8 @@ def test_all_stages_end_to_end(project, capsys):
     runs = {r.data.tags["kdcompress.role"]: r for r in mlflow.search_runs(experiment_names=["kdcompress"],
                                                                           output_format="list")}
     assert set(runs) == {"teacher", "student"}
+    experiment = mlflow.get_experiment_by_name("kdcompress")  # `mlflow ui` opens it as model training, not GenAI
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     student = runs["student"].data
     assert student.params["distill.method"] == "kd" and student.params["methods.kd.temperature"] == "4.0"
     assert student.tags["kdcompress.teacher_runtime"] == "onnxruntime"  # auto, on the CPU
@@ -106,7 +109,7 @@ def test_export_writes_nothing_when_the_parity_gate_fails(project, capsys):
                     "the data has 1 channels and 10 classes"),
 ])
 def test_a_bad_file_between_stages_is_one_line(project, capsys, damage, message):
-    from kdcompress.checkpoint import save_checkpoint
+    from kdcompress.common.checkpoint import save_checkpoint
     from models import create_model
 
     assert prepare.main([]) == 0

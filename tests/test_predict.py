@@ -1,4 +1,4 @@
-"""The edge predictor (kdcompress/predict.py) on real exported ONNX models and generated images."""
+"""The edge predictor (kdcompress/deploy/predict.py) on real exported ONNX models and generated images."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from kdcompress import predict
-from kdcompress.export import metadata_for, save_onnx, to_onnx
+from kdcompress.common.onnx import save_onnx, to_onnx
+from kdcompress.deploy import predict
+from kdcompress.deploy.export import metadata_for
 from models import create_model
 
 SIZE = 28

@@ -14,17 +14,17 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT, FakeNet, write_fashion_idx, write_params
+
 from kdcompress.config import SAKDConfig, TrainConfig
-from kdcompress.distiller import Distiller
 from kdcompress.io import atomic_write
-from kdcompress.losses import LOSSES, build_loss
-from kdcompress.resume import ResumePoint, rng_state, run_key, set_rng_state
-from kdcompress.selection import FullData
-from kdcompress.selection.sakd import SAKDSelector
+from kdcompress.methods import LOSSES, build_loss
 from kdcompress.runtime import seed_everything
-from kdcompress.train import fit
+from kdcompress.training.distiller import Distiller
+from kdcompress.training.loop import fit
+from kdcompress.training.resume import ResumePoint, rng_state, run_key, set_rng_state
+from kdcompress.training.selection import FullData
+from kdcompress.training.selection.sakd import SAKDSelector
 
 METHODS = sorted(LOSSES)
 
@@ -186,7 +186,7 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_a_run_left_running_is_continued_or_marked_killed(tmp_path, monkeypatch):
-    from kdcompress import tracking
+    from kdcompress.common import tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     import mlflow

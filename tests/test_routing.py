@@ -9,16 +9,16 @@ import math
 
 import pytest
 import torch
+from conftest import FakeNet
 from torch import nn
 
-from conftest import FakeNet
 from kdcompress.config import RoutingConfig, TrainConfig
-from kdcompress.distiller import Distiller
-from kdcompress.losses import build_loss
-from kdcompress.losses.kd import kl_per_sample
-from kdcompress.routing import SpotRouter, rows
-from kdcompress.selection.full import FullData
-from kdcompress.train import fit
+from kdcompress.methods import build_loss
+from kdcompress.methods.kd import kl_per_sample
+from kdcompress.training.distiller import Distiller
+from kdcompress.training.loop import fit
+from kdcompress.training.routing import SpotRouter, rows
+from kdcompress.training.selection.full import FullData
 from kdcompress.types import UserError
 
 FEATURE_METHODS = ["fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ft", "fsp", "nst", "crd"]
@@ -279,7 +279,7 @@ def test_spot_the_model_cannot_graft_at_is_refused():
 
 def test_adaptive_spots_compose_with_sakd(tiny_loaders):
     from kdcompress.config import SAKDConfig
-    from kdcompress.selection.sakd import SAKDSelector
+    from kdcompress.training.selection.sakd import SAKDSelector
 
     train, val = tiny_loaders
     torch.manual_seed(0)

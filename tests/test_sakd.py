@@ -7,17 +7,16 @@ import math
 
 import pytest
 import torch
+from conftest import FakeNet
 
 from kdcompress.config import SAKDConfig, TrainConfig
-from kdcompress.distiller import Distiller
-from kdcompress.losses.kd import KD, kl_per_sample
-from kdcompress.selection import FullData
-from kdcompress.selection.build import build_selector
-from kdcompress.selection.sakd import SAKDSelector
-from kdcompress.selection.sakd import beta_schedule, spatial_dropout, spatial_shuffle
-from kdcompress.train import fit
+from kdcompress.methods.kd import KD, kl_per_sample
+from kdcompress.training.distiller import Distiller
+from kdcompress.training.loop import fit
+from kdcompress.training.selection import FullData
+from kdcompress.training.selection.build import build_selector
+from kdcompress.training.selection.sakd import SAKDSelector, beta_schedule, spatial_dropout, spatial_shuffle
 from kdcompress.types import UserError
-from conftest import FakeNet
 
 
 def make_selector(loader, epochs=4, seed=0, models=None, **cfg):

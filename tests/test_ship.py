@@ -9,14 +9,16 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
-from kdcompress import tracking
-from kdcompress.export import metadata_for, ort_predict, save_onnx, to_onnx
-from kdcompress.leaderboard import Point, best_under, mark_front
-from kdcompress.quantize import gate, int8_path, quantize
-from kdcompress.ship import decide
-from models import create_model
 from conftest import ROOT
+
+from kdcompress.common import tracking
+from kdcompress.common.int8 import int8_path, quantize
+from kdcompress.common.onnx import ort_predict, save_onnx, to_onnx
+from kdcompress.deploy.export import metadata_for
+from kdcompress.deploy.quantize import gate
+from kdcompress.deploy.ship import decide
+from kdcompress.report.leaderboard import Point, best_under, mark_front
+from models import create_model
 from pipeline import benchmark as benchmark_stage
 from pipeline import leaderboard, ship
 from pipeline import quantize as quantize_stage

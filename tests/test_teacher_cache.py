@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import FakeNet
+
 from kdcompress.config import TrainConfig
-from kdcompress.distiller import Distiller
-from kdcompress.losses import build_loss
+from kdcompress.methods import build_loss
 from kdcompress.runtime import seed_everything
-from kdcompress.selection import FullData
-from kdcompress.teacher_cache import TeacherCache
-from kdcompress.train import fit
+from kdcompress.training.distiller import Distiller
+from kdcompress.training.loop import fit
+from kdcompress.training.selection import FullData
+from kdcompress.training.teacher_cache import TeacherCache
 from kdcompress.types import ModelOutput
 
 CFG = TrainConfig(epochs=2, batch_size=16, lr=0.05, crop_padding=1, hflip=True)
@@ -92,7 +92,7 @@ def test_partial_fills_damage_and_the_size_cap(tmp_path):
 
 def test_sakd_first_round_reads_the_clean_pass_from_the_cache(tiny_loaders, tmp_path):
     from kdcompress.config import SAKDConfig
-    from kdcompress.selection.sakd import SAKDSelector
+    from kdcompress.training.selection.sakd import SAKDSelector
 
     train, _ = tiny_loaders
     rounds = []

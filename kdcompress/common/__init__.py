@@ -1,0 +1,2 @@
+"""What several subpackages need, in one lower place: ONNX conversion and onnxruntime sessions, static
+int8 quantization, checkpoints, processes (torchrun/DDP) and MLflow tracking."""

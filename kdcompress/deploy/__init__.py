@@ -1,0 +1,2 @@
+"""Deployment: the ONNX export and its metadata, the int8 gate, latency and memory profiling, the
+shipping decision and the torch-free predictor that ships beside the model."""

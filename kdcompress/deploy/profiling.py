@@ -1,0 +1,174 @@
+"""Latency, throughput and size of a model, on onnxruntime and on PyTorch eager."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from kdcompress.common.int8 import int8_path
+from kdcompress.common.onnx import INPUT_NAME, METADATA_KEYS, read_metadata, session
+
+
+def _percentiles(seconds: list[float]) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1e3
+    return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "runs": len(ms)}
+
+
+def _time_calls(call, warmup: int, runs: int) -> list[float]:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def ort_latency(path: str | Path, input_shape: list[int], batch: int = 1, threads: int = 1, warmup: int = 50,
+                runs: int = 300) -> dict[str, float]:
+    """Edge profile: ``batch`` images per call, ``threads`` intra-op threads, sequential execution."""
+    sess = session(path, threads=threads)
+    x = np.random.default_rng(0).standard_normal((batch, *input_shape), dtype=np.float32)
+    return _percentiles(_time_calls(lambda: sess.run(None, {INPUT_NAME: x}), warmup, runs))
+
+
+def ort_throughput(path: str | Path, input_shape: list[int], batch: int = 64, threads: int = 0, warmup: int = 5,
+                   runs: int = 30) -> dict[str, float]:
+    """Server profile: images per second at ``batch`` with ``threads`` (0: all cores)."""
+    sess = session(path, threads=threads)
+    x = np.random.default_rng(0).standard_normal((batch, *input_shape), dtype=np.float32)
+    times = _time_calls(lambda: sess.run(None, {INPUT_NAME: x}), warmup, runs)
+    return {"images_per_s": batch * len(times) / sum(times), "batch": batch, **_percentiles(times)}
+
+
+# Runs in a fresh interpreter that imports only numpy and onnxruntime, as a device would: the peak
+# resident set (VmHWM, reset to the current size first) minus the resident set before the model is loaded.
+_PEAK_RSS = """
+import sys, numpy as np, onnxruntime as ort
+def kib(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
+path, batch, threads, *shape = sys.argv[1:]
+x = np.random.default_rng(0).standard_normal((int(batch), *map(int, shape)), dtype=np.float32)
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+except OSError:
+    pass
+before = kib("VmRSS:")
+opts = ort.SessionOptions()
+opts.intra_op_num_threads, opts.inter_op_num_threads = int(threads), 1
+sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+for _ in range(10):
+    sess.run(None, {sess.get_inputs()[0].name: x})
+print(kib("VmHWM:") - before)
+"""
+
+
+def ort_peak_memory(path: str | Path, input_shape: list[int], batch: int = 1, threads: int = 1) -> dict[str, float]:
+    """Resident-set growth (MiB) of loading ``path`` into onnxruntime and running ``batch`` images,
+    measured in a fresh process (Linux /proc; 0 where it is not available)."""
+    if not Path("/proc/self/status").exists():
+        return {"peak_rss_mib": 0.0, "batch": batch}
+    out = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(path), str(batch), str(threads), *map(str, input_shape)],
+                         capture_output=True, text=True, check=True).stdout
+    return {"peak_rss_mib": int(out.split()[-1]) / 1024, "batch": batch}
+
+
+def torch_latency(model: torch.nn.Module, input_shape: list[int], batch: int = 1, threads: int = 1,
+                  warmup: int = 50, runs: int = 300) -> dict[str, float]:
+    """The same edge profile on PyTorch eager (inference mode), for the ORT/eager ratio."""
+    model = model.eval().cpu()
+    x = torch.randn(batch, *input_shape)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            times = _time_calls(lambda: model(x), warmup, runs)
+    finally:
+        torch.set_num_threads(previous)
+    return _percentiles(times)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: torch.nn.Module, input_shape: list[int]) -> int:
+    """Multiply-accumulates of one image's forward pass (torch's FLOP counter / 2)."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        model.eval().cpu()(torch.zeros(1, *input_shape))
+    return counter.get_total_flops() // 2
+
+
+def onnx_size(path: str | Path) -> int:
+    return Path(path).stat().st_size
+
+
+def onnx_opset(path: str | Path) -> int:
+    opsets = onnx.load(str(path), load_external_data=False).opset_import
+    return max(o.version for o in opsets if o.domain in ("", "ai.onnx"))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, str | int]:
+    return {"cpu": cpu_name(), "cpu_count": os.cpu_count() or 0, "torch": torch.__version__,
+            "onnxruntime": ort.__version__, "onnx": onnx.__version__, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def benchmark(onnx_dir: str | Path, student: Callable[[], torch.nn.Module], cfg) -> dict:
+    """The benchmark stage's figures: onnxruntime edge and server profiles, peak memory and file size
+    of student and teacher in fp32 and int8 (in ``onnx_dir``), the fp32 student (``student()`` loads it)
+    on PyTorch eager, the
+    ratios between them and the environment they were measured in (``cfg``: BenchmarkConfig)."""
+    report = {}
+    for role in ("student", "teacher"):
+        fp32 = f"{onnx_dir}/{role}.onnx"
+        report[role] = {}
+        for precision, path in (("fp32", fp32), ("int8", int8_path(fp32))):
+            input_shape = json.loads(read_metadata(path, METADATA_KEYS)["input_shape"])[1:]
+            report[role][precision] = {
+                "ort_edge": ort_latency(path, input_shape, 1, 1, cfg.warmup, cfg.runs),
+                "ort_server": ort_throughput(path, input_shape, cfg.server_batch, 0, 5, cfg.server_runs),
+                "memory_edge": ort_peak_memory(path, input_shape, 1, 1),
+                "memory_server": ort_peak_memory(path, input_shape, cfg.server_batch, 0),
+                "file_bytes": onnx_size(path),
+            }
+    report["student"]["fp32"]["torch_edge"] = torch_latency(student(), input_shape, 1, 1, cfg.warmup, cfg.runs)
+    p50 = {(r, p): report[r][p]["ort_edge"]["p50_ms"] for r in ("student", "teacher") for p in ("fp32", "int8")}
+    s = report["student"]["fp32"]
+    report["ratios"] = {
+        "teacher_over_student_ort_p50": p50["teacher", "fp32"] / p50["student", "fp32"],
+        "student_int8_speedup_p50": p50["student", "fp32"] / p50["student", "int8"],
+        "teacher_int8_speedup_p50": p50["teacher", "fp32"] / p50["teacher", "int8"],
+        "student_torch_over_ort_p50": s["torch_edge"]["p50_ms"] / s["ort_edge"]["p50_ms"],
+        "student_over_teacher_server_throughput": (s["ort_server"]["images_per_s"]
+                                                   / report["teacher"]["fp32"]["ort_server"]["images_per_s"]),
+    }
+    report["environment"] = {**environment(), "edge_threads": 1, "server_threads": "all",
+                             "server_batch": cfg.server_batch}
+    return report

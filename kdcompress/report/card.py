@@ -1,0 +1,59 @@
+"""The one model card: the markdown shipped beside ``model.onnx``."""
+
+from __future__ import annotations
+
+import json
+
+
+def card(metadata: dict[str, str], precision: str, reason: str, evaluation: dict, export: dict, quant: dict,
+         bench: dict) -> str:
+    """The markdown model card shipped beside ``model.onnx``: what to feed it, the decision and why, the
+    figures of student and teacher, the export's parity check."""
+    classes = json.loads(metadata["classes"])
+    def row(name, fmt, get):
+        return (f"| {name} | " + " | ".join(fmt(get(bench[r][p], quant[r], p)) for r in ("student", "teacher")
+                                          for p in ("fp32", "int8")) + " |")
+
+    env, parity = bench["environment"], export["student"]
+    lines = [
+        f"# {metadata['kdcompress.architecture']} student, shipped as {precision}", "",
+        f"**Decision: {precision}.** {reason}.", "",
+        "## Files", "",
+        f"- `model.onnx`: the {precision} model to deploy (one file, no external data; its metadata says how "
+        "to feed it).",
+        *(["- `model.fp32.onnx`: the same student in fp32, for engines that do not load int8 QDQ graphs "
+           "(OpenCV DNN, for one)."] if precision == "int8" else []),
+        "- `predict.py`: a predictor that needs only numpy, onnxruntime and Pillow; copy it beside the model.",
+        "- `MODEL_CARD.md`: this card.", "",
+        "## Run it", "",
+        "```bash",
+        "pip install numpy onnxruntime pillow",
+        "python predict.py model.onnx photo.png more_images/ --top-k 3          # one line per image",
+        "python predict.py model.onnx more_images/ --json --threads 1          # one JSON object per line",
+        "```", "",
+        f"Input `{metadata.get('input_name', 'input')}`: float32 {metadata['input_shape']} (NCHW), "
+        f"{metadata['preprocessing']}; mean {metadata['mean']}, std {metadata['std']}. The predictor converts and "
+        "resizes any PNG/JPEG (grey or colour) to that shape.",
+        f"Output `{metadata.get('output_name', 'logits')}`: float32 [batch, {len(classes)}] raw scores (softmax for "
+        f"probabilities). Classes: {', '.join(classes)}.", "",
+        f"## Figures (onnxruntime {env['onnxruntime']}, {env['cpu']}, {env['cpu_count']} cores)", "",
+        "| | student fp32 | student int8 | teacher fp32 | teacher int8 |", "| --- | --- | --- | --- | --- |",
+        row("test top-1 (ONNX)", "{:.2%}".format, lambda b, g, p: g[f"{p}_top1"]),
+        row("batch-1 p50 ms (1 thread)", "{:.4f}".format, lambda b, g, p: b["ort_edge"]["p50_ms"]),
+        row("batch-1 p90 / p99 ms", lambda v: f"{v[0]:.4f} / {v[1]:.4f}",
+            lambda b, g, p: (b["ort_edge"]["p90_ms"], b["ort_edge"]["p99_ms"])),
+        row(f"batch-{env['server_batch']} images/s (all cores)", "{:,.0f}".format,
+            lambda b, g, p: b["ort_server"]["images_per_s"]),
+        row("peak memory MiB (batch 1)", "{:.1f}".format, lambda b, g, p: b["memory_edge"]["peak_rss_mib"]),
+        row("file KiB", "{:.1f}".format, lambda b, g, p: b["file_bytes"] / 1024), "",
+        f"int8 vs fp32 top-1 agreement on the test split: student {quant['student']['agreement']:.2%}, teacher "
+        f"{quant['teacher']['agreement']:.2%} (calibration: {quant['student']['calibration']}, "
+        f"{quant['student']['calibration_samples']} training images).", "",
+        "## Student test metrics (fp32, PyTorch)", "",
+        "| metric | value |", "| --- | --- |",
+        *[f"| {k} | {v:.4f} |" for k, v in evaluation["student"].items()], "",
+        f"{parity['params']:,} parameters, {parity['macs'] / 1e6:.2f} M MACs per image, ONNX opset "
+        f"{metadata['opset']}. Parity ONNX vs PyTorch on {parity['samples']} test images: max |dlogit| "
+        f"{parity['max_abs_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.2%}.", ""]
+    return "\n".join(lines)
+

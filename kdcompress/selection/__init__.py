@@ -1,8 +1,0 @@
-"""Sample selectors: which training samples each epoch uses, with which per-sample KD weight.
-``build.build_selector`` picks one by name; SAKD lives in ``sakd``. Importing the package loads only
-the interface and ``FullData`` (the teacher's stage needs no more)."""
-
-from kdcompress.selection.base import SampleSelector
-from kdcompress.selection.full import FullData
-
-__all__ = ["SampleSelector", "FullData"]
