@@ -140,7 +140,7 @@ class SAKDConfig:
     interval: int = _opt(5, lo=1)
     theta: float = _opt(0.9, lo=0.0, lo_open=True)
     eta: float = _opt(0.5, lo=0.0, hi=1.0)
-    momentum: float = _opt(0.1, lo=0.0, hi=1.0)  # "lambda" of SAKD.md (a Python keyword)
+    momentum: float = _opt(0.1, lo=0.0, hi=1.0)  # the paper's "lambda" (a Python keyword)
     gamma: float = _opt(0.5, lo=0.0, hi=1.0)
     eps: float = _opt(1.0, lo=0.0, lo_open=True)
     sigma: float = _opt(0.1, lo=0.0, lo_open=True)

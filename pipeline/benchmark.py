@@ -4,6 +4,8 @@ peak memory of loading and running each model, file size; the fp32 student on Py
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kdcompress.common import tracking
@@ -18,7 +20,7 @@ from pipeline._common import setup, stage
 def main(argv=None):
     args, params = setup(argv, "benchmark", onnx="artifacts/onnx", student="artifacts/student/student.pt",
                          metrics="artifacts/metrics/benchmark.json")
-    student = lambda: load_model(args.student, torch.device("cpu"), create_model)  # noqa: E731
+    student = functools.partial(load_model, args.student, torch.device("cpu"), create_model)
     report = benchmark(args.onnx, student, params["benchmark"])
     p50 = {(r, p): report[r][p]["ort_edge"]["p50_ms"] for r in ("student", "teacher") for p in ("fp32", "int8")}
     write_json(args.metrics, report)

@@ -11,7 +11,7 @@ from kdcompress.data.loader import make_loader
 from kdcompress.data.prepared import load_prepared
 from kdcompress.io import write_csv, write_json
 from kdcompress.report import figures
-from kdcompress.report.metrics import classification_metrics, confusion_matrix, reliability_bins
+from kdcompress.report.metrics import confusion_matrix, evaluation
 from kdcompress.runtime import resolve_device
 from kdcompress.training.loop import predict
 from models import create_model
@@ -30,11 +30,8 @@ def main(argv=None):
     logits = {}
     for role, path in (("teacher", args.teacher), ("student", args.student)):
         logits[role], labels = predict(load_model(path, device, create_model, data), test, desc=f"test {role}")
-    report = {"teacher": classification_metrics(logits["teacher"], labels, n_bins=cfg.ece_bins),
-              "student": classification_metrics(logits["student"], labels, logits["teacher"], n_bins=cfg.ece_bins)}
+    report, bins = evaluation(logits["teacher"], logits["student"], labels, cfg.ece_bins)
     plots = Path(args.plots)
-    bins = {role: [b for b in reliability_bins(logits[role], labels, cfg.ece_bins) if b["count"] > 0]
-            for role in logits}
     for role in logits:
         write_csv(plots / f"reliability_{role}.csv", bins[role])
     pred = logits["student"].argmax(1)

@@ -13,8 +13,8 @@ Negatives, by ``mode``:
   embeddings of each network from earlier batches (a MoCo-style memory: He et al., CVPR 2020).
   It needs nothing but the batch, so it is honest in this interface; the queue should be smaller
   than the training split, or a sample's own past embedding can serve as its negative.
-* ``batch``: in-batch negatives only (the lightweight InfoNCE variant of the CIFAR-10 seed
-  notebook), ``negatives`` unused.
+* ``batch``: in-batch negatives only (the lightweight InfoNCE variant), ``negatives``
+  unused.
 
 Differences from the paper: the paper keeps an index-keyed memory bank of every training sample
 (momentum 0.5) and draws 16384 negatives per anchor with an NCE objective. That bank needs each

@@ -5,8 +5,8 @@ Per sample ``i``: ``(1 - p_i)^gamma * T^2 * KL(softmax(z_t / T) || softmax(z_s /
 ``p_i = softmax(z_s)[y_i]`` is the STUDENT's probability of the sample's ground-truth label at
 temperature 1 (its real confidence), detached: the factor only re-weights samples (hard samples,
 where the student is still unsure of the label, get more distillation) and sends no gradient of
-its own. ``gamma = 0`` is plain KD. Defaults (T = 4, gamma = 2) are the seed notebook's (which
-instead weights each class by ``(1 - p_s^T[c])^gamma``) and focal loss's gamma = 2.
+its own. ``gamma = 0`` is plain KD. Defaults: T = 4 as for KD, and focal loss's gamma = 2. (A per-class variant,
+weighting each class by ``(1 - p_s^T[c])^gamma``, is not this method.)
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Compare and choose: every benchmarked student run of the MLflow store as points on the
-accuracy-latency plane (fp32 and int8, teachers beside them), the Pareto front, the seed notebook's
-rank table, and the best student under a latency / size budget."""
+accuracy-latency plane (fp32 and int8, teachers beside them), the Pareto front, the average-rank
+table, and the best student under a latency / size budget."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def best_under(pts: list[Point], max_latency_ms: float | None, max_size_kib: flo
 
 
 def ranks(runs: list[dict]) -> list[dict]:
-    """The seed notebook's rank table over every evaluated student run (fp32 test metrics), best first."""
+    """The average-rank table over every evaluated student run (fp32 test metrics), best first."""
     rows = {run_label(r): {k: r["metrics"].get(f"test.{k}") for k in RANKED} for r in runs
             if "test.top1" in r["metrics"]}
     table = rank_table(rows, RANKED)

@@ -161,3 +161,14 @@ def rank_table(rows: dict[str, dict[str, float]], prefs: dict[str, str]) -> dict
         got = [r for r in ranks.values() if r is not None]
         ranks["avg_rank"] = sum(got) / len(got) if got else None
     return out
+
+
+def evaluation(teacher_logits: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor,
+               n_bins: int) -> tuple[dict, dict]:
+    """The evaluate stage's figures: each model's classification metrics (the student's against the
+    teacher too) and its non-empty reliability bins."""
+    report = {"teacher": classification_metrics(teacher_logits, labels, n_bins=n_bins),
+              "student": classification_metrics(student_logits, labels, teacher_logits, n_bins=n_bins)}
+    bins = {role: [b for b in reliability_bins(logits, labels, n_bins) if b["count"] > 0]
+            for role, logits in (("teacher", teacher_logits), ("student", student_logits))}
+    return report, bins

@@ -1,6 +1,7 @@
 """Greedy MAP of SAKD's quality–diversity DPP in the low-rank (Sherman–Morrison) form.
 
-Objective (SAKD.md step 6), maximised greedily over a set ``A`` of ``k`` items::
+Objective (step 6 of "Sample-level Adaptive Knowledge Distillation for Action Recognition"),
+maximised greedily over a set ``A`` of ``k`` items::
 
     gamma * sum_{i in A} s_i + (1 - gamma) * log det(F_A F_A^T + sigma I)
 
@@ -11,7 +12,7 @@ the same items. The marginal gain of item ``i`` given ``A`` is
     gain_i = gamma * s_i + (1 - gamma) * log(sigma + h_i),   h_i = f_i^T P f_i,
     P = (I + F_A^T F_A / sigma)^-1   (d x d; P = I for A empty).
 
-(With ``G = diag(q) F`` and ``delta = sigma q^2`` as in SAKD.md the q factors cancel out of P and
+(With ``G = diag(q) F`` and ``delta = sigma q^2`` as in the paper the q factors cancel out of P and
 h: ``delta_i + g_i^T P_G g_i = q_i^2 (sigma + f_i^T P f_i)``; working with F directly avoids the
 overflow of ``q`` as gamma -> 1 and the division by ``1 - gamma``. gamma = 1 is the limit: top-k by
 quality; gamma = 0 is pure diversity.) Adding ``j`` updates, with ``v = P f_j``,

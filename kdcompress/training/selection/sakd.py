@@ -1,5 +1,5 @@
-"""SAKD: sample-level adaptive knowledge distillation (Li, Ping, Wang, Song, ACM MM 2025), the image
-version of the paper's algorithm, as a ``SampleSelector``.
+"""SAKD: the image version of "Sample-level Adaptive Knowledge Distillation for Action Recognition"
+(ACM MM 2025), as a ``SampleSelector``.
 
 Every ``interval`` epochs (0-based epochs ``n`` with ``n % interval == 0``) one selection round:
 
@@ -46,7 +46,7 @@ from kdcompress.types import UserError
 if TYPE_CHECKING:
     from kdcompress.training.teacher_cache import TeacherCache
 
-FEATURE_MOMENTUM = 0.1  # weight of the old fused feature in the dropout regime (SAKD.md step 4)
+FEATURE_MOMENTUM = 0.1  # weight of the old fused feature in the dropout regime (the paper's step 4)
 
 
 def beta_schedule(n: int, epochs: int, theta: float, eta: float) -> tuple[float, float]:
@@ -106,7 +106,7 @@ class SAKDSelector(SampleSelector):
     pass (default: the distiller's teacher, on a CPU the onnxruntime one; the int8 twin of that
     halves the pass's teacher time). ``clean_cache``: a ``TeacherCache`` for the pass's teacher
     outputs on clean images (the first round's, where nothing is interrupted). The rate in the alpha
-    update is ``cfg.alpha_rate`` (SAKD.md step 5 choice). ``dpp_block``: speed knob of the DPP.
+    update is ``cfg.alpha_rate`` (the paper's step 5). ``dpp_block``: speed knob of the DPP.
     """
 
     def __init__(self, cfg: SAKDConfig, distiller: nn.Module, loader: BatchLoader, epochs: int,
