@@ -118,18 +118,21 @@ def test_ship_stage_copies_the_chosen_model(quantized, tmp_path, monkeypatch, in
     gates = {role: {**GATE_OK, "agreement": 0.99, "calibration": "minmax", "calibration_samples": 8}
              for role in ("student", "teacher")}
     metrics = {"student": {"top1": 0.9, "ece": 0.01, "agreement": 0.95}, "teacher": {"top1": 0.93}}
-    for name, value in (("q.json", gates), ("b.json", bench(0.2, int8_ms)), ("e.json", metrics)):
+    export = {"student": {"params": 1234, "macs": 5e6, "samples": 64, "max_abs_diff": 1e-6, "top1_agreement": 1.0}}
+    for name, value in (("q.json", gates), ("b.json", bench(0.2, int8_ms)), ("e.json", metrics),
+                        ("x.json", export)):
         (tmp_path / name).write_text(json.dumps(value))
     out = tmp_path / "ship"
     (out / "stale").mkdir(parents=True)  # a previous ship folder is replaced whole
     args = ["--onnx", str(onnx_dir), "--student", str(student), "--evaluation", str(tmp_path / "e.json"),
-            "--quantization", str(tmp_path / "q.json"), "--benchmark", str(tmp_path / "b.json"), "--out", str(out),
+            "--export", str(tmp_path / "x.json"), "--quantization", str(tmp_path / "q.json"), "--benchmark", str(tmp_path / "b.json"), "--out", str(out),
             "--metrics", str(tmp_path / "summary.json")]
     assert ship.main(args) == 0
     assert sorted(p.name for p in out.iterdir()) == files
     chosen = "int8" if "model.fp32.onnx" in files else "fp32"
     assert (out / "model.onnx").read_bytes() == {"fp32": fp32, "int8": int8}[chosen].read_bytes()
     assert f"**Decision: {chosen}.**" in (out / "MODEL_CARD.md").read_text()
+    assert "1,234 parameters" in (out / "MODEL_CARD.md").read_text()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["int8_shipped"] == (chosen == "int8")
     assert summary["speedup_vs_teacher"] == pytest.approx(1 / int8_ms if chosen == "int8" else 1 / 0.2)
