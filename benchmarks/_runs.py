@@ -43,7 +43,7 @@ def read_sweep(args: argparse.Namespace, name: str) -> tuple[dict, Path, dict]:
 def pin_teacher(results: dict, results_path: Path, source: Callable[[], Path] | None = None) -> tuple[Path, str]:
     """The teacher every run of a results file uses, and its hash (tracking.file_sha): ``<name>_teacher.pt``
     beside the results, committed with them. Training the teacher again on another machine gives other
-    weights (CPU kernels differ), so a table filled in over several sessions needs its teacher kept.
+    weights (CPU kernels differ), so a table filled in on several machines, or across restarts, needs its teacher kept.
     Pinned when a results file starts, from ``source()`` (default: the teacher `dvc repro` made);
     refuses to add runs to a results file whose runs (those that recorded one) were made with another teacher."""
     pinned = results_path.with_name(results_path.stem + "_teacher.pt")

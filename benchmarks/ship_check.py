@@ -39,7 +39,7 @@ def main(argv=None):
         seconds = time.perf_counter() - start
     predicted = [json.loads(line)["top"][0]["index"] for line in out.splitlines()]
     accuracy = sum(int(p == y) for p, y in zip(predicted, labels.tolist())) / len(labels)
-    reported = json.loads(Path(args.summary).read_text())["top1"]
+    reported = json.loads(Path(args.summary).read_text())["test"]["top1"]
     print(f"predict.py on {len(predicted)} PNG files from the raw test set: top-1 {accuracy:.4%} "
           f"(reported for the shipped model: {reported:.4%}; {seconds:.1f} s including start-up)")
     if abs(accuracy - reported) > 1e-9:

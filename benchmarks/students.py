@@ -79,16 +79,16 @@ def table(results: dict) -> str:
     """One row per run: accuracy and its gap to the fp32 teacher, fp32 and int8 latency (onnxruntime,
     batch 1, 1 thread, measured one run at a time), the int8 gate, what ships and its speed-up."""
     rows = ["| student | top-1 (fp32) | gap of what ships to the teacher (points) | ECE | fp32 p50 ms | int8 p50 ms "
-            "| int8 top-1 (gate) | ships | speed-up vs fp32 teacher | size KiB |", "|" + " --- |" * 10]
+            "| int8 val top-1 (gate) | ships | speed-up vs fp32 teacher | size KiB |", "|" + " --- |" * 10]
     def p50(run: dict, role: str, precision: str) -> float:
         return run["benchmark"][role][precision]["ort_edge"]["p50_ms"]
 
     for name, r in sorted(results.items(), key=lambda kv: p50(kv[1], "student", "fp32")):
         gate, ship = r["quantize"]["student"], r["ship"]
         rows.append(" | ".join([
-            f"| {name.rsplit('/', 1)[0]}", f"{r['top1']:.2%}", f"{ship['gap_points']:.2f}", f"{r['ece']:.3f}",
+            f"| {name.rsplit('/', 1)[0]}", f"{r['top1']:.2%}", f"{ship['test']['gap_points']:.2f}", f"{r['ece']:.3f}",
             f"{p50(r, 'student', 'fp32'):.4f}", f"{p50(r, 'student', 'int8'):.4f}",
-            f"{gate['int8_top1']:.2%} ({'pass' if gate['passed'] else 'fail'})",
+            f"{gate['val']['int8_top1']:.2%} ({'pass' if gate['passed'] else 'fail'})",
             "int8" if ship["int8_shipped"] else "fp32",
             f"{ship['speedup_vs_teacher']:.1f}x (teacher {p50(r, 'teacher', 'fp32'):.3f} ms)",
             f"{ship['size_kib']:.0f} |"]))

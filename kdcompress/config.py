@@ -73,7 +73,19 @@ class BaseConfig:
     device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
     num_threads: int = _opt(0, lo=0)  # 0: all cores
     precision: str = _opt("fp32", choices=("fp32", "bf16", "fp16"))  # training under autocast (fp16: + GradScaler)
-    nproc: int = _opt(1, lo=1)  # processes for teacher and distill (torchrun; DDP with NCCL on CUDA, gloo on the CPU)
+    nproc: int = _opt(1, lo=1)  # processes per machine for teacher and distill (DDP; NCCL on CUDA, gloo on the CPU)
+    nnodes: int = _opt(1, lo=1)  # machines for teacher and distill, each running nproc processes
+    rdzv_endpoint: str = ""  # host:port of the c10d rendezvous on the first machine; needed (only) when nnodes > 1
+
+    def __post_init__(self):
+        if self.nnodes == 1 and self.rdzv_endpoint:
+            raise UserError(f"base.rdzv_endpoint: {self.rdzv_endpoint!r} does nothing unless base.nnodes > 1; "
+                            "allowed here: '' (the default)")
+        if self.nnodes > 1:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise UserError(f"base.rdzv_endpoint: {self.rdzv_endpoint!r} is not host:port; allowed: the first "
+                                f"machine's address and a free port, e.g. 10.0.0.1:29400 (base.nnodes: {self.nnodes})")
 
 
 @dataclass(frozen=True)
@@ -82,17 +94,18 @@ class DataConfig:
     root: str = "data"
     val_fraction: float = _opt(0.1, lo=0.0, hi=0.5, lo_open=True)
     image_size: int | None = _opt(None, lo=8)  # resize to this square size; null: as stored (image_folder: 32)
-    download: bool = True  # last resort: torchvision's download (needs internet)
+    download: bool = False  # last resort: torchvision's download (needs internet)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Hyper-parameters of the one training loop, shared by the teacher and distill sections."""
 
-    epochs: int = _opt(5, lo=1)
+    epochs: int = _opt(10, lo=1)
     batch_size: int = _opt(128, lo=1)
     lr: float = _opt(0.2, lo=0.0, lo_open=True)
     momentum: float = _opt(0.9, lo=0.0, hi=1.0)
+    nesterov: bool = True  # Nesterov momentum (when momentum > 0)
     weight_decay: float = _opt(5e-4, lo=0.0)
     label_smoothing: float = _opt(0.0, lo=0.0, hi=1.0)
     lr_schedule: str = _opt("onecycle", choices=("onecycle", "cosine", "constant"))
@@ -109,6 +122,7 @@ class TeacherConfig(TrainConfig):
 
 @dataclass(frozen=True)
 class DistillConfig(TrainConfig):
+    lr: float = _opt(0.1, lo=0.0, lo_open=True)  # the teacher's 0.2 is too high for the small students
     student: str = "mobilenet:16"
     method: str = "kd"
     sampling: str = _opt("full", choices=("full", "sakd"))
@@ -167,7 +181,7 @@ class QuantizeConfig:
     calibration: str = _opt("minmax", choices=("minmax", "entropy", "percentile"))
     samples: int = _opt(512, lo=1)  # seeded sample of training images (never test)
     per_channel: bool = True
-    max_drop: float = _opt(0.5, lo=0.0)  # gate: int8 test top-1 at most this many points below fp32
+    max_drop: float = _opt(0.5, lo=0.0)  # gate: int8 val top-1 at most this many points below fp32
 
 
 @dataclass(frozen=True)
@@ -205,4 +219,30 @@ def load_params(path: str | Path) -> dict:
     if not isinstance(methods, dict) or not all(isinstance(v, dict) or v is None for v in methods.values()):
         raise UserError("methods: expected a mapping of method name -> mapping of its hyper-parameters")
     params["methods"] = {k: dict(v or {}) for k, v in methods.items()}
+    check_modes(params)
     return params
+
+
+# sections (or keys of a section) that do something only in one mode: (section, keys or None for all, the mode's
+# key, the value it needs)
+MODES = (
+    ("sakd", None, "distill.sampling", "sakd"),
+    ("routing", None, "distill.spots", "adaptive"),
+    ("teacher", tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "eval_batch_size"),
+     "teacher.checkpoint", ""),
+)
+
+
+def check_modes(params: dict) -> None:
+    """A non-default value where it does nothing is refused: ``sakd.*`` needs distill.sampling: sakd,
+    ``routing.*`` distill.spots: adaptive, and the teacher's training keys an empty teacher.checkpoint."""
+    for section, keys, mode, needs in MODES:
+        where, key = mode.split(".")
+        if getattr(params[where], key) == needs:
+            continue
+        default = SECTIONS[section]()
+        for name in keys or [f.name for f in dataclasses.fields(default)]:
+            if getattr(params[section], name) != getattr(default, name):
+                shown = "empty" if needs == "" else repr(needs)
+                raise UserError(f"{section}.{name}: {getattr(params[section], name)!r} does nothing unless {mode} is "
+                                f"{shown}; allowed here: {getattr(default, name)!r} (the default)")

@@ -6,23 +6,58 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from kdcompress.types import UserError
 
+STALE_SECONDS = 24 * 3600  # a temporary file untouched this long is a killed write's, whoever wrote it
+
+
+def _temp_prefix(path: Path) -> str:
+    """Temporary files of ``path`` are named ``.{name}.{host}-{pid}.{random}.tmp``: they say who writes them."""
+    return f".{path.name}.{socket.gethostname()}-{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except PermissionError:  # another user's process
+        return True
+    except (OSError, OverflowError):
+        return False
+    return True
+
+
+def _remove_stale_temps(path: Path, remove: Callable[[Path], None]) -> None:
+    """Remove the temporary files (or folders) of ``path`` that killed writes left: those of a process of this
+    host that is gone, those whose name says no writer (an older version's), and any untouched for
+    ``STALE_SECONDS`` (another host's, a reused pid's). A live writer's temporary file stays."""
+    host = socket.gethostname()
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        writer = tmp.name[len(path.name) + 2:-len(".tmp")].rpartition(".")[0]  # drop mkstemp's random part
+        writer_host, _, pid = writer.rpartition("-")
+        try:
+            age = time.time() - tmp.stat().st_mtime
+        except FileNotFoundError:  # its writer renamed or removed it meanwhile
+            continue
+        if not pid.isdigit() or age > STALE_SECONDS or (writer_host == host and not _alive(int(pid))):
+            remove(tmp)
+
 
 def atomic_write(path: str | Path, content: str | bytes | Callable[[Any], None], text: bool = False) -> Path:
     """Write ``content`` (a string, bytes, or a function that writes to a binary file object)
     to ``path`` via a temporary file in the same folder, flushed to disk before the rename, so
-    readers never see half a file. Temporary files a killed earlier write of ``path`` left are removed."""
+    readers never see half a file. Temporary files a killed earlier write of ``path`` left are removed; another
+    process writing ``path`` at the same time keeps its own (the last rename wins)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _remove_stale_temps(path, lambda stale: stale.unlink(missing_ok=True))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             if callable(content):
@@ -44,9 +79,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     ``path`` whole (readers see the old folder or the new one, never a mix), else it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed earlier run
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    _remove_stale_temps(path, lambda stale: shutil.rmtree(stale, ignore_errors=True))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp"))
     tmp.chmod(0o755)  # mkdtemp makes it private; the folder is meant to be read and copied
     try:
         yield tmp

@@ -3,6 +3,7 @@ spot-adaptive spots, and all samples or SAKD's selection."""
 
 from __future__ import annotations
 
+from kdcompress.common import distributed
 from kdcompress.training.student import distill
 from models import create_model
 from pipeline._common import setup, stage
@@ -14,6 +15,8 @@ def main(argv=None):
                          out="artifacts/student/student.pt", resume="artifacts/resume/distill.pt",
                          metrics="artifacts/metrics/distill.json", plots="artifacts/plots/distill_history.csv",
                          rounds="artifacts/plots/selection_rounds.csv", routing="artifacts/plots/spot_routing.csv")
+    if distributed.wanted(params["base"]):  # several processes: this one starts and waits for them
+        return distributed.launch("pipeline.distill", argv, params["base"])
     summary = distill(params, args, create_model)
     if summary is not None:
         cfg = params["distill"]

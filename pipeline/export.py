@@ -1,5 +1,5 @@
 """Stage 5: student (and teacher, for the comparison) to ONNX, checked, with a parity gate on
-the whole test set and metadata; the student is logged as an MLflow model."""
+the whole val split and metadata; the student is logged as an MLflow model."""
 
 from __future__ import annotations
 
@@ -26,16 +26,16 @@ def main(argv=None):
                          student="artifacts/student/student.pt",
                          out="artifacts/onnx", metrics="artifacts/metrics/export.json")
     cfg, device = params["export"], torch.device("cpu")
-    data = load_prepared(args.data, splits=("test",))
-    test = make_loader(data, "test", device, params["evaluate"].batch_size)
+    data = load_prepared(args.data, splits=("val",))  # parity is a gate: decided on val, like every choice
+    val = make_loader(data, "val", device, params["evaluate"].batch_size)
     out, report, protos, metas = Path(args.out), {}, {}, {}
     for role, path in (("student", args.student), ("teacher", args.teacher)):
         model = load_model(path, device, create_model, data)
         metas[role] = metadata_for(role, model.arch, data.classes, data.mean, data.std, data.input_shape, cfg.opset)
         protos[role] = to_onnx(model, data.input_shape, cfg.opset, metas[role])
         serialized = protos[role].SerializeToString()
-        torch_logits, _ = predict(model, test, desc=f"parity {role}")
-        report[role] = {**parity(serialized, torch_logits, (x for x, _, _ in test.batches()), cfg.atol,
+        torch_logits, _ = predict(model, val, desc=f"parity {role}")
+        report[role] = {**parity(serialized, torch_logits, (x for x, _, _ in val.batches()), cfg.atol,
                                  name=str(out / f"{role}.onnx")),
                         "file_bytes": len(serialized), "params": count_params(model),
                         "macs": count_macs(model, data.input_shape)}

@@ -1,6 +1,7 @@
 """Stage 8: the shipping decision and `artifacts/ship/`, exactly what a user copies to a device: the
-chosen student as `model.onnx` (int8 only where it passed the gate and is faster at batch 1; then the
-fp32 twin beside it as `model.fp32.onnx`), the torch-free `predict.py` and `MODEL_CARD.md`."""
+chosen student as `model.onnx` (int8 only where it passed the gate on val and is faster at batch 1; then
+the fp32 twin beside it as `model.fp32.onnx`), the torch-free `predict.py` and `MODEL_CARD.md`. The
+decision reads only val figures; the card, summary.json and MLflow give test figures beside them."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pipeline._common import parser, stage
 
 @stage
 def main(argv=None):
-    args = parser("ship", onnx="artifacts/onnx", student="artifacts/student/student.pt",
+    args = parser("ship", params=False, onnx="artifacts/onnx", student="artifacts/student/student.pt",
                   evaluation="artifacts/metrics/evaluate.json", export="artifacts/metrics/export.json",
                   quantization="artifacts/metrics/quantize.json",
                   benchmark="artifacts/metrics/benchmark.json", out="artifacts/ship",

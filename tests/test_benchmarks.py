@@ -1,5 +1,5 @@
-"""The method benchmark keeps one teacher per results file, so a table can be filled in over several
-sessions on different machines (benchmarks._runs.pin_teacher)."""
+"""The method benchmark keeps one teacher per results file, so a table can be filled in across
+restarts and on different machines (benchmarks._runs.pin_teacher)."""
 
 import pytest
 

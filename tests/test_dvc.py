@@ -1,14 +1,17 @@
 """The real DVC pipeline in a temp git repo on tiny data: repro, a no-op second repro,
-metrics/params/plots commands and an experiment with -S."""
+metrics/params/plots commands and the README's sweep: queued experiments run two at a time."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import mlflow
 import pytest
 from conftest import ROOT, write_fashion_idx, write_params
 
@@ -74,22 +77,33 @@ def test_dvc_repro_noop_metrics_and_experiment(tmp_path):
     page = (plots_dir / "index.html").read_text()
     assert "reliability.png" in page and "confusion.png" in page  # image plots render without a CDN
 
-    out = run(dvc + ["exp", "run", "-S", "distill.method=ce"], repo, env)
-    assert "Running stage 'distill'" in out and "Running stage 'train_teacher'" not in out
-    params_diff = run(dvc + ["params", "diff"], repo, env)  # the experiment left params.yaml changed
-    assert "distill.method" in params_diff and "ce" in params_diff
-    metrics_diff = run(dvc + ["metrics", "diff"], repo, env)
-    assert "student.top1" in metrics_diff
-    # experiments keep their metrics (git-tracked, not ignored): `dvc exp show` compares them
-    import json
-
+    # the README's sweep, two experiments at a time on one MLflow store and one teacher cache
+    for method in ("ce", "logit_l2"):
+        run(dvc + ["exp", "run", "--queue", "-C", "data", "-S", f"distill.method={method}"], repo, env)
+    run(dvc + ["queue", "start", "--jobs", "2"], repo, env)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        status = run(dvc + ["queue", "status"], repo, env)
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    failed = [line.split()[1] for line in status.splitlines() if line.endswith("Failed")]
+    assert status.count("Success") == 2, status + "".join(run(dvc + ["queue", "logs", n], repo, env)[-3000:]
+                                                          for n in failed)
     shown = json.loads(run(dvc + ["exp", "show", "--json"], repo, env))
-    exps = [e for commit in shown for e in (commit.get("experiments") or [])]
-    assert exps and all(r["data"]["metrics"]["artifacts/metrics/summary.json"]["data"]["top1"] > 0
-                        for e in exps for r in e["revs"])
-    import mlflow
+    exps = [r for commit in shown for e in (commit.get("experiments") or []) for r in e["revs"]]
+    assert len(exps) == 2 and all(r["data"]["metrics"]["artifacts/metrics/summary.json"]["data"]["test"]["top1"] > 0
+                                  for r in exps)
+    assert {r["data"]["params"]["params.yaml"]["data"]["distill"]["method"] for r in exps} == {"ce", "logit_l2"}
 
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    methods = {r.data.params.get("distill.method") for r in mlflow.search_runs(experiment_names=["kdcompress"],
-                                                                               output_format="list")}
-    assert {"kd", "ce"} <= methods  # the experiment's working copy logged into the real store
+    students = mlflow.search_runs(experiment_names=["kdcompress"], output_format="list",
+                                  filter_string="tags.`kdcompress.role` = 'student'")
+    assert sorted(r.data.params["distill.method"] for r in students) == ["ce", "kd", "logit_l2"]  # one each
+    assert all(r.info.status == "FINISHED" for r in students)
+    for r in students:  # every stage of every experiment logged into its run
+        assert {"val_acc", "test.top1", "export.student.max_abs_diff", "quantize.student.val.int8_top1",
+                "benchmark.student.fp32.ort_edge.p50_ms", "ship.test.top1"} <= set(r.data.metrics), r.data.params
+    run([sys.executable, "-m", "pipeline.leaderboard", "--out", str(tmp_path / "board")], repo, env)
+    ranks = (tmp_path / "board" / "ranks.md").read_text()
+    assert all(f"{r.data.tags['kdcompress.method']} #{r.info.run_id[:6]}" in ranks for r in students)

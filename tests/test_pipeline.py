@@ -38,7 +38,7 @@ def test_all_stages_end_to_end(project, capsys):
     exported = json.loads((project / "artifacts/metrics/export.json").read_text())
     for role in ("student", "teacher"):
         assert exported[role]["max_abs_diff"] <= 1e-4 and exported[role]["top1_agreement"] == 1.0
-        assert exported[role]["samples"] == 60
+        assert exported[role]["samples"] == 24  # the val split
     model = onnx.load(str(project / "artifacts/onnx/student.onnx"))
     props = {p.key: p.value for p in model.metadata_props}
     assert json.loads(props["classes"])[9] == "Ankle boot" and json.loads(props["input_shape"]) == ["batch", 1, 16, 16]
@@ -50,7 +50,8 @@ def test_all_stages_end_to_end(project, capsys):
         assert any(n.op_type == "QuantizeLinear" for n in int8.graph.node)
         assert {p.key: p.value for p in int8.metadata_props}["kdcompress.precision"] == "int8"
     gate = json.loads((project / "artifacts/metrics/quantize.json").read_text())
-    assert gate["student"]["calibration_samples"] == 96 and gate["student"]["samples"] == 60  # all of train; test
+    assert gate["student"]["calibration_samples"] == 96  # all of train
+    assert gate["student"]["val"]["samples"] == 24 and gate["student"]["test"]["samples"] == 60
     assert (project / "artifacts/plots/spot_routing.csv").read_text().strip() == "epoch"  # fixed spots: no routing
     for name in ("reliability.png", "confusion.png", "distill_history.png", "teacher_history.png", "spot_routing.png"):
         assert (project / "artifacts/plots" / name).read_bytes()[:4] == b"\x89PNG"
@@ -85,7 +86,7 @@ def test_all_stages_end_to_end(project, capsys):
     assert artifacts == {"figures/confusion.png", "figures/reliability.png", "figures/training_curves.png"}
     for key in ("val_acc", "test.top1", "test.ece", "teacher_test.top1", "export.student.max_abs_diff",
                 "benchmark.student.int8.ort_edge.p50_ms", "benchmark.ratios.teacher_over_student_ort_p50",
-                "quantize.student.int8_top1", "ship.top1"):
+                "quantize.student.val.int8_top1", "quantize.student.test.int8_top1", "ship.val.top1", "ship.test.top1"):
         assert key in student.metrics, key
     assert "test.top1" in runs["teacher"].data.metrics
     models = mlflow.search_logged_models(experiment_ids=[runs["student"].info.experiment_id], output_format="list")
@@ -138,7 +139,7 @@ def test_teacher_checkpoint_from_user(project, tmp_path):
     assert prepare.main([]) == 0
     weights = tmp_path / "mine.pt"
     torch.save(create_model("resnet20", 10, 1).state_dict(), weights)
-    write_params(project, teacher={**TINY["teacher"], "checkpoint": str(weights)})
+    write_params(project, teacher={"checkpoint": str(weights), "eval_batch_size": 64})  # no training keys: unused
     assert train_teacher.main([]) == 0
     torch.save(create_model("resnet32", 10, 1).state_dict(), weights)
     (project / "artifacts/teacher/teacher.pt").unlink()

@@ -15,7 +15,15 @@ from kdcompress.training.distiller import Distiller
 from kdcompress.training.loop import fit
 from kdcompress.training.selection import FullData
 from kdcompress.training.selection.build import build_selector
-from kdcompress.training.selection.sakd import SAKDSelector, beta_schedule, spatial_dropout, spatial_shuffle
+from kdcompress.training.selection.sakd import (
+    SAKDSelector,
+    _mix32,
+    beta_schedule,
+    position_noise,
+    sample_keys,
+    spatial_dropout,
+    spatial_shuffle,
+)
 from kdcompress.types import UserError
 
 
@@ -39,22 +47,23 @@ def test_beta_schedule():
 
 def test_spatial_dropout_zeroes_exact_count_on_all_channels():
     x = torch.rand(6, 3, 7, 9) + 0.1  # no zeros to start with
-    g = torch.Generator().manual_seed(0)
-    out = spatial_dropout(x, 0.3, g)
+    keys = sample_keys(0, 1, torch.arange(6))
+    out = spatial_dropout(x, 0.3, keys)
     zero = out == 0
     assert bool((zero.all(1) == zero.any(1)).all())  # a position is zero on every channel or none
     assert zero[:, 0].flatten(1).sum(1).tolist() == [math.floor(0.3 * 63)] * 6
     assert len({tuple(z.flatten().tolist()) for z in zero[:, 0]}) == 6  # a fresh mask per image
     kept = ~zero
     assert torch.equal(out[kept], x[kept])
-    assert torch.equal(spatial_dropout(x, 0.0, g), x)
+    assert torch.equal(spatial_dropout(x, 0.0, keys), x)
+    fill = torch.tensor([-1.0, -2.0, -3.0]).view(1, 3, 1, 1)  # per channel
+    assert torch.equal(spatial_dropout(x, 0.3, keys, fill), torch.where(zero, fill, x))
 
 
 @pytest.mark.parametrize("patch", [1, 2, 3])
 def test_spatial_shuffle_is_a_permutation_of_positions(patch):
-    g = torch.Generator().manual_seed(1)
     x = torch.rand(4, 2, 6, 7)
-    out = spatial_shuffle(x, patch, g)
+    out = spatial_shuffle(x, patch, sample_keys(1, 3, torch.arange(4)))
     assert not torch.equal(out, x)
     for a, b in zip(x, out):
         pix_a = sorted(map(tuple, a.flatten(1).T.tolist()))  # pixels as channel tuples
@@ -68,6 +77,51 @@ def test_spatial_shuffle_is_a_permutation_of_positions(patch):
                     for i in range(0, gh, patch) for j in range(0, gw, patch)}
         for a, b in zip(x, out):
             assert patches(a) == patches(b)
+
+
+def test_position_noise_is_counter_based():
+    """32-bit values computed without int64 overflow; a row depends on its key only, and has no ties."""
+    keys = torch.tensor([0, 1, 0xFFFFFFFF, 123456789])
+    noise = position_noise(keys, 784)
+    assert noise.dtype == torch.int64 and int(noise.min()) >= 0 and int(noise.max()) < 2**32
+    edge = [0, 1, 2**31 - 1, 2**31, 0xFFFFFFFE, 0xFFFFFFFF, 0xDEADBEEF]
+    assert _mix32(torch.tensor(edge)).tolist() == [_mix32(v) for v in edge]  # Python ints never overflow
+    assert all(len(set(row.tolist())) == 784 for row in noise)
+    assert torch.equal(position_noise(keys[[3, 1]], 784), noise[[3, 1]])
+    assert torch.equal(position_noise(keys, 100), noise[:, :100])
+    index = torch.arange(1000)
+    a = sample_keys(0, 1, index)
+    assert len(set(a.tolist())) == 1000 and torch.equal(sample_keys(0, 1, index.flip(0)), a.flip(0))
+    assert not (a == sample_keys(0, 2, index)).any() and not (a == sample_keys(1, 1, index)).any()
+
+
+@pytest.mark.parametrize("epoch", [1, 3])  # dropout, shuffle
+def test_interruption_of_a_sample_depends_only_on_seed_round_and_index(tiny_loaders, epoch):
+    """Whatever batch (or rank) a sample is in, the same mask; on normalised batches, exactly what the
+    interruption of the raw [0, 1] images gives after the loader's normalisation."""
+    train, _ = tiny_loaders
+
+    def interruption(sel, epoch):
+        return sel.interruption(epoch, *beta_schedule(epoch, sel.epochs, sel.cfg.theta, sel.cfg.eta))
+
+    sel = make_selector(train, seed=5, patch_size=2)
+    beta = beta_schedule(epoch, sel.epochs, sel.cfg.theta, sel.cfg.eta)[1]
+    regime, transform = interruption(sel, epoch)
+    assert regime == ("dropout" if epoch == 1 else "shuffle")
+    x, _, idx = next(train.batches())
+    out = transform(x, idx)
+    assert not torch.equal(out, x)
+    parts = [transform(x[i::3], idx[i::3]) for i in range(3)]  # other batches, other sizes
+    for i, part in enumerate(parts):
+        assert torch.equal(part, out[i::3])
+    keys = sample_keys(5, epoch, idx)
+    if regime == "dropout":
+        raw = next(train.batches(transform=lambda r: spatial_dropout(r, beta, keys)))[0]
+    else:
+        raw = next(train.batches(transform=lambda r: spatial_shuffle(r, 2, keys)))[0]
+    assert torch.equal(out, raw)
+    assert not torch.equal(interruption(sel, epoch + 1)[1](x, idx), out)  # the next round
+    assert not torch.equal(interruption(make_selector(train, seed=6, patch_size=2), epoch)[1](x, idx), out)
 
 
 def test_round_bookkeeping(tiny_loaders):
@@ -177,7 +231,7 @@ def test_state_dict_round_trip_gives_the_same_next_selection(tiny_loaders):
     state = torch.load(buf, weights_only=True)
     b = make_selector(train, seed=99, models=(a.distiller.student, a.distiller.teacher))
     b.load_state_dict(state)
-    next_a, next_b = a.select(1), b.select(1)  # dropout round: uses the restored RNG state
+    next_a, next_b = a.select(1), b.select(1)  # dropout round: its masks use the restored seed
     assert a.history[-1]["beta"] > 0
     assert torch.equal(next_a, next_b)
     assert torch.equal(a.alpha, b.alpha) and torch.equal(a.omega, b.omega) and torch.equal(a.features, b.features)

@@ -15,7 +15,7 @@ from kdcompress.common import tracking
 from kdcompress.common.int8 import int8_path, quantize
 from kdcompress.common.onnx import ort_predict, save_onnx, to_onnx
 from kdcompress.deploy.export import metadata_for
-from kdcompress.deploy.quantize import gate
+from kdcompress.deploy.quantize import accuracy, gate
 from kdcompress.deploy.ship import decide
 from kdcompress.report.leaderboard import Point, best_under, mark_front
 from models import create_model
@@ -69,18 +69,26 @@ def test_int8_twin_is_a_qdq_model_with_the_fp32_metadata(quantized):
 def test_gate_passes_a_faithful_int8_model_and_fails_a_broken_one(quantized):
     _, _, fp32_logits, int8_logits = quantized["good"]
     labels = fp32_logits.argmax(1)  # the fp32 model is right by construction
-    ok = gate(fp32_logits, int8_logits, labels, 5.0)
-    assert ok["fp32_top1"] == 1.0 and ok["agreement"] == ok["int8_top1"] >= 0.95 and ok["passed"]
+    ok = accuracy(fp32_logits, int8_logits, labels)
+    assert ok["fp32_top1"] == 1.0 and ok["agreement"] == ok["int8_top1"] >= 0.95 and gate(ok, 5.0)["passed"]
 
     _, _, fp32_bad, int8_bad = quantized["bad"]
     assert (fp32_bad.argmax(1) == labels).all()  # the offset does not change fp32 predictions
-    failed = gate(fp32_bad, int8_bad, labels, 5.0)
-    assert not failed["passed"] and failed["drop_points"] > 5.0 and failed["agreement"] < 0.95
-    assert gate(fp32_logits, int8_logits, labels, 0.0)["passed"] == (ok["int8_top1"] == 1.0)
+    failed = accuracy(fp32_bad, int8_bad, labels)
+    assert not gate(failed, 5.0)["passed"] and failed["drop_points"] > 5.0 and failed["agreement"] < 0.95
+    assert gate(ok, 0.0) == {"max_drop_points": 0.0, "passed": ok["int8_top1"] == 1.0}
 
 
-GATE_OK = {"fp32_top1": 0.90, "int8_top1": 0.899, "drop_points": 0.1, "max_drop_points": 0.5, "passed": True}
-GATE_FAIL = {**GATE_OK, "int8_top1": 0.88, "drop_points": 2.0, "passed": False}
+def quant_result(val_drop: float, test_drop: float = 0.1) -> dict:
+    """One role's quantize.json entry: fp32 at 90 % on val and 89 % on test, int8 ``*_drop`` points below."""
+    def split(fp32, drop):
+        return {"fp32_top1": fp32, "int8_top1": fp32 - drop / 100, "drop_points": drop, "agreement": 0.99,
+                "samples": 100}
+    return {"val": split(0.90, val_drop), "test": split(0.89, test_drop), "max_drop_points": 0.5,
+            "passed": val_drop <= 0.5, "calibration": "minmax", "calibration_samples": 8, "per_channel": True}
+
+
+GATE_OK, GATE_FAIL = quant_result(0.1), quant_result(2.0)
 
 
 @pytest.mark.parametrize("gate_result, fp32_ms, int8_ms, shipped, why", [
@@ -115,8 +123,7 @@ def test_ship_stage_copies_the_chosen_model(quantized, tmp_path, monkeypatch, in
     (onnx_dir / "student.int8.onnx").write_bytes(int8.read_bytes())
     student = tmp_path / "student.pt"
     student.write_bytes(b"checkpoint")
-    gates = {role: {**GATE_OK, "agreement": 0.99, "calibration": "minmax", "calibration_samples": 8}
-             for role in ("student", "teacher")}
+    gates = {role: GATE_OK for role in ("student", "teacher")}
     metrics = {"student": {"top1": 0.9, "ece": 0.01, "agreement": 0.95}, "teacher": {"top1": 0.93}}
     export = {"student": {"params": 1234, "macs": 5e6, "samples": 64, "max_abs_diff": 1e-6, "top1_agreement": 1.0}}
     for name, value in (("q.json", gates), ("b.json", bench(0.2, int8_ms)), ("e.json", metrics),
@@ -125,16 +132,20 @@ def test_ship_stage_copies_the_chosen_model(quantized, tmp_path, monkeypatch, in
     out = tmp_path / "ship"
     (out / "stale").mkdir(parents=True)  # a previous ship folder is replaced whole
     args = ["--onnx", str(onnx_dir), "--student", str(student), "--evaluation", str(tmp_path / "e.json"),
-            "--export", str(tmp_path / "x.json"), "--quantization", str(tmp_path / "q.json"), "--benchmark", str(tmp_path / "b.json"), "--out", str(out),
-            "--metrics", str(tmp_path / "summary.json")]
+            "--export", str(tmp_path / "x.json"), "--quantization", str(tmp_path / "q.json"),
+            "--benchmark", str(tmp_path / "b.json"), "--out", str(out), "--metrics", str(tmp_path / "summary.json")]
     assert ship.main(args) == 0
     assert sorted(p.name for p in out.iterdir()) == files
     chosen = "int8" if "model.fp32.onnx" in files else "fp32"
     assert (out / "model.onnx").read_bytes() == {"fp32": fp32, "int8": int8}[chosen].read_bytes()
-    assert f"**Decision: {chosen}.**" in (out / "MODEL_CARD.md").read_text()
-    assert "1,234 parameters" in (out / "MODEL_CARD.md").read_text()
+    text = (out / "MODEL_CARD.md").read_text()
+    assert f"**Decision: {chosen}.**" in text and "1,234 parameters" in text
+    assert "| top-1 on val (decision), ONNX | 90.00% | 89.90% |" in text
+    assert "| top-1 on test (reported), ONNX | 89.00% | 88.90% |" in text
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["int8_shipped"] == (chosen == "int8")
+    assert summary["val"] == {"top1": GATE_OK["val"][f"{chosen}_top1"]}
+    assert summary["test"]["top1"] == GATE_OK["test"][f"{chosen}_top1"] and summary["test"]["teacher_top1"] == 0.93
     assert summary["speedup_vs_teacher"] == pytest.approx(1 / int8_ms if chosen == "int8" else 1 / 0.2)
     assert not list(tmp_path.glob(".ship*"))  # no temporary folder left behind
 
@@ -165,7 +176,7 @@ def test_a_garbage_or_missing_onnx_file_is_one_line(quantized, tmp_path, capsys,
 
 def test_front_and_budget():
     def pt(name, top1, ms, kib=10.0, shippable=True, role="student", shipped=True):
-        return Point(name, role, "fp32", top1, ms, kib, shippable, name, shipped and shippable)
+        return Point(name, role, "fp32", top1, 1 - top1, ms, kib, shippable, name, shipped and shippable)
     pts = mark_front([pt("fast", 0.88, 0.02), pt("mid", 0.90, 0.05), pt("dominated", 0.89, 0.06),
                       pt("broken", 0.95, 0.01, shippable=False), pt("big", 0.92, 0.20, kib=400),
                       pt("teacher", 0.93, 0.50, role="teacher")])
@@ -178,14 +189,20 @@ def test_front_and_budget():
     assert best_under(not_shipped, 0.05, None).name == "its fp32"  # as the ship stage decided
 
 
-def log_student(name: str, top1: float, ms: float, int8_ms: float, passed: bool) -> None:
+def log_student(name: str, top1: float, ms: float, int8_ms: float, passed: bool,
+                test_top1: float | None = None) -> None:
+    """A benchmarked student run: val top-1 ``top1`` (fp32), test top-1 ``test_top1`` (default: the same)."""
+    test_top1 = top1 if test_top1 is None else test_top1
     with tracking.start_run("student", name, {"kdcompress.student": name, "kdcompress.method": "kd",
                                               "kdcompress.teacher": "resnet20", "kdcompress.teacher_sha": "abc"}):
-        test = {"top1": top1, "nll": 1 - top1, "ece": 0.01, "agreement": top1, "kl_teacher_student": 0.1,
-                "logit_cosine": 0.9, "entropy": 0.3}
+        test = {"top1": test_top1, "nll": 1 - test_top1, "ece": 0.01, "agreement": test_top1,
+                "kl_teacher_student": 0.1, "logit_cosine": 0.9, "entropy": 0.3}
         tracking.log_metrics(test, prefix="test")
-        tracking.log_metrics({role: {"fp32_top1": t, "int8_top1": t - (0.001 if passed else 0.05), "passed": passed}
-                              for role, t in (("student", top1), ("teacher", 0.93))}, prefix="quantize")
+        drop = 0.001 if passed else 0.05
+        tracking.log_metrics({role: {"val": {"fp32_top1": v, "int8_top1": v - drop},
+                                     "test": {"fp32_top1": t, "int8_top1": t - drop}, "passed": passed}
+                              for role, v, t in (("student", top1, test_top1), ("teacher", 0.93, 0.92))},
+                             prefix="quantize")
         tracking.log_metrics({role: {p: {"ort_edge": {"p50_ms": v}, "file_bytes": 1024 * k}
                                      for p, v, k in (("fp32", f, 40), ("int8", i, 15))}
                               for role, f, i in (("student", ms, int8_ms), ("teacher", 0.5, 0.25))}, prefix="benchmark")
@@ -195,8 +212,8 @@ def test_leaderboard_on_a_small_store(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert leaderboard.main(["--out", str(tmp_path / "lb")]) == 2
     assert "no benchmarked student run" in capsys.readouterr().err
-    log_student("tiny", 0.88, 0.03, 0.04, True)
-    log_student("wide", 0.91, 0.06, 0.05, True)
+    log_student("tiny", 0.88, 0.03, 0.04, True, test_top1=0.95)  # the best on test: not what decides
+    log_student("wide", 0.91, 0.06, 0.05, True, test_top1=0.87)
     log_student("fragile", 0.90, 0.10, 0.02, False)
     with tracking.start_run("student", "unbenchmarked"):
         tracking.log_metrics({"top1": 0.5}, prefix="test")
@@ -204,18 +221,22 @@ def test_leaderboard_on_a_small_store(tmp_path, monkeypatch, capsys):
     out = tmp_path / "lb"
     assert leaderboard.main(["--out", str(out), "--target-latency-ms", "0.055"]) == 0
     printed = capsys.readouterr().out
-    assert "best student under target_latency_ms 0.055: wide kd" in printed and "int8" in printed
+    assert "best student under target_latency_ms 0.055, by val top-1: wide kd" in printed and "int8" in printed
+    assert "(val top-1 90.90%, test top-1 86.90% reported," in printed
     best = json.loads((out / "best.json").read_text())["best"]
     assert best["precision"] == "int8" and best["p50_ms"] == 0.05
+    assert best["val_top1"] == pytest.approx(0.909) and best["test_top1"] == pytest.approx(0.869)
     rows = (out / "pareto.csv").read_text().splitlines()
     assert len(rows) == 1 + 3 * 2 + 2  # three benchmarked students x 2 precisions + one teacher x 2
     front = [r for r in rows[1:] if r.endswith(",True")]
     assert all("fragile" not in r or ",fp32," in r for r in front)  # its int8 failed the gate
     ranks = (out / "ranks.md").read_text().splitlines()
-    assert ranks[2].startswith("| wide kd") and len(ranks) == 2 + 4  # the unbenchmarked run is ranked too
+    assert ranks[2].startswith("| tiny kd") and len(ranks) == 2 + 4  # test metrics; the unbenchmarked run too
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     runs = tracking.runs("leaderboard")
     assert len(runs) == 1 and runs[0]["tags"]["kdcompress.best"].endswith("int8")
+    assert runs[0]["metrics"]["best.val.top1"] == pytest.approx(0.909)
+    assert runs[0]["metrics"]["best.test.top1"] == pytest.approx(0.869)
 
     assert leaderboard.main(["--out", str(out), "--target-latency-ms", "0.001"]) == 0
     assert "no student fits target_latency_ms 0.001: the fastest is 0.0300 ms" in capsys.readouterr().out

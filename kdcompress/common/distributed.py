@@ -1,4 +1,7 @@
-"""Training in several processes (torch DDP), started by ``torchrun`` when ``base.nproc > 1``.
+"""Training in several processes (torch DDP), on one machine or several: when ``base.nproc`` x
+``base.nnodes`` > 1 the stage started by ``python -m pipeline.<stage>`` (what dvc.yaml runs) starts
+its workers itself (``launch``: torch's elastic launcher, torchrun's c10d rendezvous), and is the
+one process the user sees: a user error is one line and exit 2, and no worker outlives it.
 
 Every rank builds the same models from the same seed, walks the same seeded permutation and takes
 its slice of every global batch, so N processes with global batch B take the same steps as one
@@ -10,7 +13,15 @@ gradients). Only rank 0 writes files and talks to MLflow. Backend: NCCL on CUDA,
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
+import shutil
+import signal
+import sys
+import tempfile
+import uuid
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -29,8 +40,110 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
+LAUNCHER_PID = "KDCOMPRESS_LAUNCHER_PID"  # a worker's parent, set by launch()
+ERROR_DIR = "KDCOMPRESS_ERROR_DIR"  # where launch()'s workers leave their one-line user error (pipeline._common)
+USER_ERROR = 2  # the exit code of a user mistake
+RDZV_SECONDS = 900  # how long the machines wait for each other, in whichever order they start
+
+
+def wanted(base) -> bool:
+    """Whether this process is to start the stage's workers: several processes asked for
+    (``base.nproc`` x ``base.nnodes``) and this one is not already one of them (torchrun's or ours)."""
+    return base.nproc * base.nnodes > 1 and "LOCAL_RANK" not in os.environ
+
+
+def _root_cause(item) -> tuple:
+    """Sort key of a launch's failures, the root cause first: killed by a signal, then failed, then
+    stopped by the SIGTERM the launcher sends the rest; the earliest, the lowest rank."""
+    rank, failure = item
+    kind = 2 if failure.exitcode == -signal.SIGTERM else 0 if failure.exitcode < 0 else 1
+    return kind, failure.timestamp, rank
+
+
+def launch(module: str, argv: list[str] | None, base) -> int:
+    """Run ``python -m <module> <argv>`` in ``base.nproc`` workers on this machine, joined with
+    ``base.nnodes - 1`` other machines at ``base.rdzv_endpoint`` (c10d rendezvous; one machine: a free
+    local port, like ``torchrun --standalone``); wait; the exit code. A worker's user error is printed
+    once, as one line (exit 2); a crash is one line after the worker's own output (exit 1)."""
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    single = base.nnodes == 1
+    config = LaunchConfig(min_nodes=base.nnodes, max_nodes=base.nnodes, nproc_per_node=base.nproc,
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0" if single else base.rdzv_endpoint,
+                          run_id=uuid.uuid4().hex if single else f"kdcompress-{module}", max_restarts=0,
+                          rdzv_configs={} if single else {"timeout": RDZV_SECONDS, "read_timeout": RDZV_SECONDS})
+    errors = Path(tempfile.mkdtemp(prefix="kdcompress-launch-"))
+    saved = {k: os.environ.get(k) for k in (LAUNCHER_PID, ERROR_DIR)}
+    os.environ.update({LAUNCHER_PID: str(os.getpid()), ERROR_DIR: str(errors)})
+    logging.disable(logging.ERROR)  # the launcher's own log lines (a worker stopped, failed, ...): we say it in one
+    if not single:
+        print(f"{module}: {base.nproc} process(es) here; waiting for all {base.nnodes} machines at "
+              f"{base.rdzv_endpoint}", flush=True)
+    try:
+        elastic_launch(config, sys.executable)("-m", module, *(sys.argv[1:] if argv is None else argv))
+        return 0
+    except ChildFailedError as err:
+        messages = sorted(errors.iterdir(), key=lambda f: int(f.name))
+        if messages:  # the user error of the lowest rank that had one (usually every rank has the same)
+            print(messages[0].read_text().strip(), file=sys.stderr)
+            return USER_ERROR
+        rank, failure = min(err.failures.items(), key=_root_cause)
+        how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
+               else f"exited with code {failure.exitcode}")
+        print(f"error: {module}: training process {rank} of {base.nproc * base.nnodes} {how} (its output is above)",
+              file=sys.stderr)
+        return 1
+    except RendezvousError as err:
+        where = "this machine" if single else f"base.rdzv_endpoint {base.rdzv_endpoint}"
+        print(f"error: {module}: the rendezvous of {base.nnodes} machine(s) at {where} failed: "
+              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr)
+        return 1
+    except SignalException as err:  # SIGTERM, SIGINT, ...: the workers were stopped; die of it quietly
+        return 128 + int(err.sigval)
+    finally:
+        logging.disable(logging.NOTSET)
+        shutil.rmtree(errors, ignore_errors=True)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when its parent (the launcher) dies, however it dies.
+    torchrun starts every worker in a session of its own, so a kill of the launcher's process group
+    (what a terminal or ``kill -9 -PGID`` does to ``dvc repro``) would otherwise leave it training."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+        return
+    expected = os.environ.get(LAUNCHER_PID)
+    if expected and os.getppid() != int(expected):  # the launcher died before we asked
+        os._exit(128 + int(signal.SIGKILL))
+
+
+def _stopped(signum, frame):
+    """A worker told to stop (the launcher passes on Ctrl-C and SIGTERM): exit without a traceback;
+    the launcher says why, once. After the stage's code (atexit callbacks), exit at once."""
+    while frame is not None and frame.f_code.co_name != "_run_module_as_main":  # runpy: python -m ...
+        frame = frame.f_back
+    if frame is None:
+        os._exit(128 + signum)
+    raise SystemExit(128 + signum)
+
+
 def init(device: torch.device) -> torch.device:
-    """Join the process group torchrun describes (``WORLD_SIZE > 1``); the device of this rank."""
+    """Join the process group the launcher describes (``WORLD_SIZE > 1``); the device of this rank."""
+    if "LOCAL_RANK" in os.environ:
+        die_with_parent()
+        if os.environ.get(LAUNCHER_PID):  # ours: Ctrl-C or SIGTERM, passed on by the launcher, ends it quietly
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, _stopped)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return device
     if device.type == "cuda":

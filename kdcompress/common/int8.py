@@ -21,7 +21,6 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from kdcompress.common.onnx import INPUT_NAME, save_onnx, set_metadata
 from kdcompress.data.loader import BatchLoader
 
-CALIBRATION_SAMPLES = 512  # images: the default of quantize.samples, and the SAKD pass's int8 teacher
 CALIBRATIONS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                 "percentile": CalibrationMethod.Percentile}
 

@@ -129,7 +129,8 @@ def load_mnist_like(cfg: DataConfig) -> RawDataset:
     if folder is None:
         hint = ("install Debian's package: apt-get install dataset-fashion-mnist, or " if fashion else "")
         raise UserError(f"data.dataset={cfg.dataset}: IDX files not found in {', '.join(map(str, candidates))}; "
-                        f"{hint}put train/t10k images and labels IDX files (.gz or plain) in data.root={cfg.root}")
+                        f"{hint}put train/t10k images and labels IDX files (.gz or plain) in data.root={cfg.root}"
+                        + ("" if cfg.download else " (or set data.download: true with internet access)"))
     return read_idx_dataset(folder, FASHION_CLASSES if fashion else MNIST_CLASSES)
 
 

@@ -153,7 +153,7 @@ def benchmark(onnx_dir: str | Path, student: Callable[[], torch.nn.Module], cfg)
             input_shape = json.loads(read_metadata(path, METADATA_KEYS)["input_shape"])[1:]
             report[role][precision] = {
                 "ort_edge": ort_latency(path, input_shape, 1, 1, cfg.warmup, cfg.runs),
-                "ort_server": ort_throughput(path, input_shape, cfg.server_batch, 0, 5, cfg.server_runs),
+                "ort_server": ort_throughput(path, input_shape, cfg.server_batch, 0, cfg.warmup, cfg.server_runs),
                 "memory_edge": ort_peak_memory(path, input_shape, 1, 1),
                 "memory_server": ort_peak_memory(path, input_shape, cfg.server_batch, 0),
                 "file_bytes": onnx_size(path),

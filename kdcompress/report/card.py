@@ -8,13 +8,14 @@ import json
 def card(metadata: dict[str, str], precision: str, reason: str, evaluation: dict, export: dict, quant: dict,
          bench: dict) -> str:
     """The markdown model card shipped beside ``model.onnx``: what to feed it, the decision and why, the
-    figures of student and teacher, the export's parity check."""
+    figures of student and teacher, each labelled with its split (val: the decision's, test: reported only),
+    the export's parity check."""
     classes = json.loads(metadata["classes"])
     def row(name, fmt, get):
         return (f"| {name} | " + " | ".join(fmt(get(bench[r][p], quant[r], p)) for r in ("student", "teacher")
                                           for p in ("fp32", "int8")) + " |")
 
-    env, parity = bench["environment"], export["student"]
+    env, parity, gate, teacher_gate = bench["environment"], export["student"], quant["student"], quant["teacher"]
     lines = [
         f"# {metadata['kdcompress.architecture']} student, shipped as {precision}", "",
         f"**Decision: {precision}.** {reason}.", "",
@@ -38,7 +39,8 @@ def card(metadata: dict[str, str], precision: str, reason: str, evaluation: dict
         f"probabilities). Classes: {', '.join(classes)}.", "",
         f"## Figures (onnxruntime {env['onnxruntime']}, {env['cpu']}, {env['cpu_count']} cores)", "",
         "| | student fp32 | student int8 | teacher fp32 | teacher int8 |", "| --- | --- | --- | --- | --- |",
-        row("test top-1 (ONNX)", "{:.2%}".format, lambda b, g, p: g[f"{p}_top1"]),
+        row("top-1 on val (decision), ONNX", "{:.2%}".format, lambda b, g, p: g["val"][f"{p}_top1"]),
+        row("top-1 on test (reported), ONNX", "{:.2%}".format, lambda b, g, p: g["test"][f"{p}_top1"]),
         row("batch-1 p50 ms (1 thread)", "{:.4f}".format, lambda b, g, p: b["ort_edge"]["p50_ms"]),
         row("batch-1 p90 / p99 ms", lambda v: f"{v[0]:.4f} / {v[1]:.4f}",
             lambda b, g, p: (b["ort_edge"]["p90_ms"], b["ort_edge"]["p99_ms"])),
@@ -46,14 +48,18 @@ def card(metadata: dict[str, str], precision: str, reason: str, evaluation: dict
             lambda b, g, p: b["ort_server"]["images_per_s"]),
         row("peak memory MiB (batch 1)", "{:.1f}".format, lambda b, g, p: b["memory_edge"]["peak_rss_mib"]),
         row("file KiB", "{:.1f}".format, lambda b, g, p: b["file_bytes"] / 1024), "",
-        f"int8 vs fp32 top-1 agreement on the test split: student {quant['student']['agreement']:.2%}, teacher "
-        f"{quant['teacher']['agreement']:.2%} (calibration: {quant['student']['calibration']}, "
-        f"{quant['student']['calibration_samples']} training images).", "",
-        "## Student test metrics (fp32, PyTorch)", "",
+        f"Decisions are made on the val split ({gate['val']['samples']} images; the int8 gate: int8 val top-1 at "
+        f"most {gate['max_drop_points']:g} points below fp32); the test split ({gate['test']['samples']} images) is "
+        "only reported.", "",
+        f"int8 vs fp32 top-1 agreement: val (decision) student {gate['val']['agreement']:.2%}, teacher "
+        f"{teacher_gate['val']['agreement']:.2%}; test (reported) student {gate['test']['agreement']:.2%}, teacher "
+        f"{teacher_gate['test']['agreement']:.2%} (calibration: {gate['calibration']}, {gate['calibration_samples']} "
+        "training images).", "",
+        "## Student metrics on test, reported (fp32, PyTorch)", "",
         "| metric | value |", "| --- | --- |",
         *[f"| {k} | {v:.4f} |" for k, v in evaluation["student"].items()], "",
         f"{parity['params']:,} parameters, {parity['macs'] / 1e6:.2f} M MACs per image, ONNX opset "
-        f"{metadata['opset']}. Parity ONNX vs PyTorch on {parity['samples']} test images: max |dlogit| "
+        f"{metadata['opset']}. Parity ONNX vs PyTorch on {parity['samples']} val images: max |dlogit| "
         f"{parity['max_abs_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.2%}.", ""]
     return "\n".join(lines)
 

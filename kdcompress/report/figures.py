@@ -47,18 +47,19 @@ def pareto(pts):
     for (role, precision), (marker, colour) in style.items():
         group = [p for p in pts if (p.role, p.precision) == (role, precision)]
         if group:
-            ax.scatter([p.p50_ms for p in group], [100 * p.top1 for p in group], marker=marker, color=colour,
+            ax.scatter([p.p50_ms for p in group], [100 * p.val_top1 for p in group], marker=marker, color=colour,
                        facecolors=[colour if p.shippable else "none" for p in group], label=f"{role} {precision}")
     front = sorted((p for p in pts if p.on_front), key=lambda p: p.p50_ms)
-    ax.plot([p.p50_ms for p in front], [100 * p.top1 for p in front], color="black", linewidth=1, label="Pareto front")
+    ax.plot([p.p50_ms for p in front], [100 * p.val_top1 for p in front], color="black", linewidth=1,
+            label="Pareto front")
     for p in front:
-        ax.annotate(f"{p.name.split(' #')[0]} {p.precision}", (p.p50_ms, 100 * p.top1), fontsize=7,
+        ax.annotate(f"{p.name.split(' #')[0]} {p.precision}", (p.p50_ms, 100 * p.val_top1), fontsize=7,
                     xytext=(4, -10), textcoords="offset points")
     ax.set_xscale("log")
     plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
     ax.xaxis.set_major_formatter(plain)
     ax.xaxis.set_minor_formatter(plain)
-    ax.set(xlabel="onnxruntime batch-1 p50 latency, 1 thread (ms, log scale)", ylabel="test top-1 (%)",
+    ax.set(xlabel="onnxruntime batch-1 p50 latency, 1 thread (ms, log scale)", ylabel="val top-1 (%)",
            title="Accuracy vs latency (hollow: int8 that failed the gate)")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)

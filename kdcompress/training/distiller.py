@@ -130,8 +130,9 @@ class Distiller(nn.Module):
             else:
                 kd_alpha = alpha.mean() if self.loss.batch_level else alpha
                 per_sample = 2 * ((1 - alpha) * self.ce_weight * ce + kd_alpha * self.kd_weight * kd)
-        return StepOutput(loss=per_sample.mean(), logits=s.logits.detach(), per_sample=per_sample.detach(),
-                          target=y)
+        # a rank may hold no sample of the last global batch: its share of the loss is 0, not the NaN of an empty mean
+        loss = per_sample.mean() if len(per_sample) else per_sample.sum()
+        return StepOutput(loss=loss, logits=s.logits.detach(), per_sample=per_sample.detach(), target=y)
 
     def after_step(self) -> None:
         if self.loss is not None:

@@ -89,7 +89,7 @@ def fit(distiller: Distiller, train: BatchLoader, val: BatchLoader, selector: Sa
         distributed.convert_batchnorm(distiller)
         model = DistributedDataParallel(distiller, find_unused_parameters=True, broadcast_buffers=False)
     optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+                                nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
     device = probe.device
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     start_epoch, best_acc, best_epoch, best_state, history, seconds = 0, -1.0, -1, None, [], 0.0
@@ -145,7 +145,7 @@ def fit(distiller: Distiller, train: BatchLoader, val: BatchLoader, selector: Sa
             scaler.update()
             distiller.after_step()
             selector.observe(idx, out.per_sample)
-            total_loss += out.loss.detach().double() * len(y)
+            total_loss += out.per_sample.double().sum()  # a rank with no sample of the last batch adds 0
             correct += (out.logits.argmax(1) == out.target).sum()  # data_free trains on teacher labels
             seen += len(y)
         distiller.on_epoch_end()

@@ -24,9 +24,27 @@ from kdcompress.training.loop import fit
 from kdcompress.training.ort_teacher import OrtTeacher, use_ort_teacher
 from kdcompress.training.resume import resume_point
 from kdcompress.training.routing import build_router, routing_history
-from kdcompress.training.selection.build import build_selector
-from kdcompress.training.teacher_cache import TeacherCache, for_run
+from kdcompress.training.selection.build import build_selector, int8_calibration
+from kdcompress.training.teacher_cache import TeacherCache, for_run, teacher_runtime
 from kdcompress.types import UserError
+
+
+def teacher_caches(params: dict, paths: SimpleNamespace, teacher, device: torch.device, num_samples: int,
+                   parts: frozenset[str] | None) -> tuple[TeacherCache | None, TeacherCache | None]:
+    """The run's teacher-output caches (None: off): of the training view (augmented, under fit()'s
+    autocast), and of SAKD's first difficulty pass (clean images, outside autocast, the same for every
+    run of a sweep). Their keys take only what can change the teacher's outputs (``for_run``)."""
+    cfg, seed = params["distill"], params["base"].seed
+    if not cfg.teacher_cache or distributed.world()[1] > 1:  # ranks would each store their share
+        return None, None
+    cache = clean = None
+    if TeacherCache.usable(parts):
+        cache = for_run(paths.teacher, paths.data, teacher, device, num_samples, parts,
+                        autocast=params["base"].precision, seed=seed, crop_padding=cfg.crop_padding, hflip=cfg.hflip)
+    if cfg.sampling == "sakd":
+        clean = for_run(paths.teacher, paths.data, teacher, device, num_samples, frozenset({"logits", "embedding"}),
+                        int8=int8_calibration(params["sakd"], params["quantize"], seed))
+    return cache, clean
 
 
 def distill(params: dict, paths: SimpleNamespace, create_model: Callable) -> dict | None:
@@ -56,25 +74,21 @@ def distill(params: dict, paths: SimpleNamespace, create_model: Callable) -> dic
     if (loss is not None and loss.needs_teacher) or cfg.sampling != "full":
         teacher = load_model(paths.teacher, device, create_model, data)
         if ort_teacher:
-            teacher = OrtTeacher(teacher, data.input_shape)
+            teacher = OrtTeacher(teacher, data.input_shape, opset=params["export"].opset, atol=params["export"].atol)
     distiller = Distiller(student, teacher, loss, cfg.ce_weight, cfg.kd_weight, cfg.label_smoothing, router)
-    runtime = f"{'onnxruntime' if isinstance(teacher, OrtTeacher) else 'torch'}-{device.type}"
+    runtime = teacher_runtime(teacher)
     parts = loss.teacher_parts() if teacher is not None else None
     if router is not None:
         parts |= router.teacher_parts()
-    if cfg.teacher_cache and TeacherCache.usable(parts) and world == 1:  # ranks would each store their share
-        distiller.cache = for_run(paths.teacher, paths.data, len(data.train), parts, runtime, seed=seed,
-                                  crop_padding=cfg.crop_padding, hflip=cfg.hflip)
-    train = make_loader(data, "train", device, cfg.batch_size, crop_padding=cfg.crop_padding, hflip=cfg.hflip, seed=seed)
+    distiller.cache, clean_cache = teacher_caches(params, paths, teacher, device, len(data.train), parts)
+    train = make_loader(data, "train", device, cfg.batch_size, crop_padding=cfg.crop_padding, hflip=cfg.hflip,
+                        seed=seed)
     val = make_loader(data, "val", device, cfg.eval_batch_size)
-    clean_cache = None  # SAKD's first difficulty pass sees clean images: the same for every run of a sweep
-    if cfg.sampling == "sakd" and cfg.teacher_cache and world == 1:
-        clean_cache = for_run(paths.teacher, paths.data, len(data.train), frozenset({"logits", "embedding"}),
-                              runtime + ("-int8" if params["sakd"].pass_teacher == "int8" else ""), clean=True)
     # SAKD's difficulty pass batches like training (measured 1.4x faster than batch 1024 on 2 CPU cores),
     # over the training loader's tensors: no second copy of the training set on the device
     selector = build_selector(cfg.sampling, params["sakd"], distiller, train.view(cfg.batch_size),
-                              epochs=cfg.epochs, seed=seed, clean_cache=clean_cache)
+                              epochs=cfg.epochs, seed=seed, clean_cache=clean_cache,
+                              quant=params["quantize"])
     logged = {"distill": dataclasses.asdict(cfg), "base": dataclasses.asdict(params["base"]),
               f"methods.{cfg.method}": params["methods"].get(cfg.method, {})}
     if cfg.sampling == "sakd":
@@ -87,7 +101,7 @@ def distill(params: dict, paths: SimpleNamespace, create_model: Callable) -> dic
         fit(distiller, train, val, selector, cfg, resume=resumed, precision=params["base"].precision)
         return None
     tags = {"kdcompress.method": cfg.method, "kdcompress.student": cfg.student, "kdcompress.sampling": cfg.sampling,
-            "kdcompress.spots": cfg.spots, "kdcompress.teacher_runtime": runtime.split("-")[0]}
+            "kdcompress.spots": cfg.spots, "kdcompress.teacher_runtime": runtime}
     with tracking.start_run("student", f"{cfg.student}-{cfg.method}-{cfg.sampling}", tags,
                             run_id=resumed and resumed["mlflow_run_id"]) as run:
         tracking.log_params(logged)

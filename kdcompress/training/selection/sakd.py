@@ -9,7 +9,10 @@ Every ``interval`` epochs (0-based epochs ``n`` with ``n % interval == 0``) one 
 2. Difficulty pass over ALL training samples (no grad; teacher and student in eval mode, the
    student's mode restored after), un-augmented and interrupted: spatial dropout of
    ``floor(beta H W)`` pixel positions (all channels, fresh mask per image) when ``beta_raw <= eta``,
-   else a spatial shuffle (pixel or ``patch_size`` patch permutation, fresh per image).
+   else a spatial shuffle (pixel or ``patch_size`` patch permutation, fresh per image). Each image's
+   mask or permutation is a pure function of ``(seed, epoch of the round, dataset index)``
+   (``sample_keys``, counter-based): any number of processes, any batch size, a resumed run, all
+   interrupt every sample the same way.
 3. ``l_i = T^2 KL(p_t || p_s)`` on the interrupted input; ``p_i ∝ (omega_i + eps)^-1``;
    ``s_i = p_i l_i``; ``s_hat`` = min-max normalised ``s``.
 4. Diversity features: the teacher's pooled embedding ``F`` of the interrupted image; first round
@@ -47,6 +50,7 @@ if TYPE_CHECKING:
     from kdcompress.training.teacher_cache import TeacherCache
 
 FEATURE_MOMENTUM = 0.1  # weight of the old fused feature in the dropout regime (the paper's step 4)
+Interruption = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (normalised batch, dataset indices) -> batch
 
 
 def beta_schedule(n: int, epochs: int, theta: float, eta: float) -> tuple[float, float]:
@@ -56,23 +60,51 @@ def beta_schedule(n: int, epochs: int, theta: float, eta: float) -> tuple[float,
     return beta_raw, min(beta_raw, eta)
 
 
-def spatial_dropout(x: torch.Tensor, beta: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Zero ``floor(beta * H * W)`` random pixel positions of each image (all channels), a fresh
-    mask per image. ``x`` [B, C, H, W]; returns a new tensor."""
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x):
+    """A bijective 32-bit integer hash of ``x`` in [0, 2**32), an int or an int64 tensor (C. Wellons'
+    hash-prospector two-round xorshift-multiply; both odd multipliers are below 2**31, so no product
+    overflows int64)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _MASK32
+    return x ^ (x >> 15)
+
+
+def sample_keys(seed: int, epoch: int, index: torch.Tensor) -> torch.Tensor:
+    """One 32-bit key per sample [B] (int64), a pure function of ``(seed, epoch, dataset index)``:
+    the interruption of a sample never depends on the batch it is in, on the rank, or on what ran
+    before."""
+    return _mix32(_mix32(_mix32(seed & _MASK32) ^ (epoch & _MASK32)) ^ index.long())
+
+
+def position_noise(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` pseudo-random 32-bit values per key [B, n] (int64), counter-based: row ``b`` is a pure
+    function of ``keys[b]``, and its values are distinct (so ``argsort`` has no ties)."""
+    return _mix32(keys[:, None] ^ _mix32(torch.arange(n, device=keys.device)))
+
+
+def spatial_dropout(x: torch.Tensor, beta: float, keys: torch.Tensor, fill: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """Set ``floor(beta * H * W)`` pixel positions of each image (all channels) to ``fill`` (a scalar or
+    per channel [1, C, 1, 1]; the normalised value of a black pixel when ``x`` is normalised), the
+    positions drawn from the image's key (``sample_keys``). ``x`` [B, C, H, W]; returns a new tensor."""
     b, _, h, w = x.shape
     m = math.floor(beta * h * w)
     if m <= 0:
         return x
-    noise = torch.rand(b, h * w, device=x.device, generator=generator)
-    drop = torch.zeros(b, h * w, dtype=torch.bool, device=x.device)
-    drop.scatter_(1, noise.argsort(dim=1)[:, :m], True)
-    return x.masked_fill(drop.view(b, 1, h, w), 0.0)
+    noise = position_noise(keys, h * w)
+    drop = noise <= noise.kthvalue(m, dim=1, keepdim=True).values  # the m smallest: the values are distinct
+    return torch.where(drop.view(b, 1, h, w), fill, x)
 
 
-def spatial_shuffle(x: torch.Tensor, patch_size: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Permute the spatial positions of each image (all channels together), a fresh permutation per
-    image: single pixels for ``patch_size == 1``, else ``patch_size`` x ``patch_size`` patches
-    (when H or W is not a multiple, the patch grid covers the top-left part and the border stays)."""
+def spatial_shuffle(x: torch.Tensor, patch_size: int, keys: torch.Tensor) -> torch.Tensor:
+    """Permute the spatial positions of each image (all channels together) by a permutation drawn from
+    the image's key (``sample_keys``): single pixels for ``patch_size == 1``, else ``patch_size`` x
+    ``patch_size`` patches (when H or W is not a multiple, the patch grid covers the top-left part and
+    the border stays). Commutes with per-channel normalisation."""
     b, c, h, w = x.shape
     p = max(1, int(patch_size))
     gh, gw = h // p, w // p
@@ -81,7 +113,7 @@ def spatial_shuffle(x: torch.Tensor, patch_size: int = 1, generator: torch.Gener
     region = x[:, :, :gh * p, :gw * p]
     # [b, c, gh, p, gw, p] -> [b, gh*gw, c, p, p]
     patches = region.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c, p, p)
-    perm = torch.rand(b, gh * gw, device=x.device, generator=generator).argsort(dim=1)
+    perm = position_noise(keys, gh * gw).argsort(dim=1)
     patches = patches[torch.arange(b, device=x.device)[:, None], perm]
     region = patches.reshape(b, gh, gw, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, gh * p, gw * p)
     out = x.clone()
@@ -107,6 +139,7 @@ class SAKDSelector(SampleSelector):
     halves the pass's teacher time). ``clean_cache``: a ``TeacherCache`` for the pass's teacher
     outputs on clean images (the first round's, where nothing is interrupted). The rate in the alpha
     update is ``cfg.alpha_rate`` (the paper's step 5). ``dpp_block``: speed knob of the DPP.
+    ``seed``: of the interruptions (with the round's epoch and the sample's index, see ``sample_keys``).
     """
 
     def __init__(self, cfg: SAKDConfig, distiller: nn.Module, loader: BatchLoader, epochs: int,
@@ -135,7 +168,7 @@ class SAKDSelector(SampleSelector):
         self.num_samples = len(loader)
         self.num_classes = int(num_classes) if num_classes is not None else int(loader.labels.max().item()) + 1
         self.k = max(1, min(self.num_samples, round(cfg.ratio * self.num_samples)))
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.seed = int(seed)
         n = self.num_samples
         self.omega = torch.zeros(n, dtype=torch.long, device=self.device)
         self.alpha = torch.zeros(n, dtype=torch.float32, device=self.device)
@@ -157,20 +190,23 @@ class SAKDSelector(SampleSelector):
         return self.alpha[index.to(self.alpha.device)].to(index.device)
 
     # -- one round -----------------------------------------------------------------------------
-    def interruption(self, beta_raw: float, beta: float) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
+    def interruption(self, epoch: int, beta_raw: float, beta: float) -> tuple[str, Interruption]:
+        """The regime of the round at ``epoch`` and its interruption ``(x, index) -> x``, for a
+        NORMALISED batch ``x`` of the samples ``index``: a dropped pixel becomes a black one."""
         if beta_raw <= self.cfg.eta:
-            return "dropout", lambda x: spatial_dropout(x, beta, self.generator)
+            black = -self.loader.mean / self.loader.std  # what the loader makes of a 0 pixel
+            return "dropout", lambda x, idx: spatial_dropout(x, beta, sample_keys(self.seed, epoch, idx), black)
         patch = 1 if self.cfg.shuffle == "pixel" else self.cfg.patch_size
-        return "shuffle", lambda x: spatial_shuffle(x, patch, self.generator)
+        return "shuffle", lambda x, idx: spatial_shuffle(x, patch, sample_keys(self.seed, epoch, idx))
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def difficulty_pass(self, transform: Callable[[torch.Tensor], torch.Tensor],
-                        clean: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample ``l_i`` [N] and teacher embeddings [N, D] on interrupted, un-augmented inputs
-        (``clean``: the transform changes nothing, so the teacher's outputs may come from the cache)."""
+    def difficulty_pass(self, transform: Interruption, clean: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample ``l_i`` [N] and teacher embeddings [N, D] on un-augmented inputs interrupted by
+        ``transform`` (see ``interruption``; ``clean``: it changes nothing, so it is skipped and the
+        teacher's outputs may come from the cache)."""
         cache = self.clean_cache if clean else None
         if cache is not None:
             cache.begin_epoch(0)
@@ -184,8 +220,9 @@ class SAKDSelector(SampleSelector):
         self.split = {"teacher_seconds": 0.0, "student_seconds": 0.0}
         try:
             with torch.inference_mode():
-                for x, _, idx in self.loader.batches(shuffle=False, augment=False, transform=transform,
-                                                     shard=(rank, world)):
+                for x, _, idx in self.loader.batches(shuffle=False, augment=False, shard=(rank, world)):
+                    if not clean:
+                        x = transform(x, idx).contiguous(memory_format=torch.channels_last)
                     t0 = time.perf_counter()
                     t_out = cache.lookup(idx) if cache is not None else None
                     if t_out is None:
@@ -222,7 +259,7 @@ class SAKDSelector(SampleSelector):
         t0 = time.perf_counter()
         cfg = self.cfg
         beta_raw, beta = beta_schedule(epoch, self.epochs, cfg.theta, cfg.eta)
-        regime, transform = self.interruption(beta_raw, beta)
+        regime, transform = self.interruption(epoch, beta_raw, beta)
 
         h, w = self.loader.images.shape[-2:]
         clean = regime == "dropout" and math.floor(beta * h * w) == 0
@@ -287,7 +324,7 @@ class SAKDSelector(SampleSelector):
             "omega": cpu(self.omega), "alpha": cpu(self.alpha), "s_hat": cpu(self.s_hat),
             "features": cpu(self.features), "selection": cpu(self.selection), "rounds": self.rounds,
             "last_round_epoch": self.last_round_epoch, "history": [dict(h) for h in self.history],
-            "rng": self.generator.get_state().clone(),
+            "seed": self.seed,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -300,4 +337,4 @@ class SAKDSelector(SampleSelector):
         self.features, self.selection = dev(state["features"]), dev(state["selection"])
         self.rounds, self.last_round_epoch = int(state["rounds"]), int(state["last_round_epoch"])
         self.history = [dict(h) for h in state["history"]]
-        self.generator.set_state(state["rng"].cpu())
+        self.seed = int(state["seed"])  # the interruptions of the run that saved it
