@@ -103,6 +103,7 @@ def export(model, path):
     return save_onnx(to_onnx(model.eval(), SHAPE, 18, meta), path)
 
 
+@pytest.mark.slow
 def test_the_quantize_stage_gates_on_val_and_only_reports_test(tmp_path, monkeypatch):
     """The int8 student of a net with +1000 on every class's bias disagrees with its fp32 twin on many
     images: test labels set to the fp32 predictions make int8 fail on test, set to the int8 predictions

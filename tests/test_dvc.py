@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import ROOT, write_fashion_idx, write_params
+from conftest import ROOT, TINY, write_fashion_idx, write_params
 
 pytestmark = [pytest.mark.skipif(shutil.which("git") is None, reason="needs git"), pytest.mark.slow]
 
@@ -107,3 +107,18 @@ def test_dvc_repro_noop_metrics_and_experiment(tmp_path):
     run([sys.executable, "-m", "pipeline.leaderboard", "--out", str(tmp_path / "board")], repo, env)
     ranks = (tmp_path / "board" / "ranks.md").read_text()
     assert all(f"{r.data.tags['kdcompress.method']} #{r.info.run_id[:6]}" in ranks for r in students)
+
+    # on the finished pipeline, a bad value in params.yaml for any stage: one line naming the key, no traceback
+    good = (repo / "params.yaml").read_text()
+    for section, key, value in [("data", "val_fraction", 0.9), ("data", "dataset", "imagenet"),
+                                ("teacher", "epochs", -3), ("distill", "lr", "fast"), ("export", "opset", 7),
+                                ("quantize", "calibration", "magic"), ("quantize", "max_drop", -1),
+                                ("benchmark", "runs", 10)]:
+        write_params(repo, data={"dataset": "fashion_mnist", "root": "data", "val_fraction": 0.2, "download": False,
+                                 **({key: value} if section == "data" else {})},
+                     **({section: {**TINY.get(section, {}), key: value}} if section != "data" else {}))
+        failed = subprocess.run(dvc + ["repro"], cwd=repo, env=env, capture_output=True, text=True)
+        ours = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+        assert failed.returncode != 0 and "Traceback" not in failed.stdout + failed.stderr, failed.stderr
+        assert len(ours) == 1 and ours[0].startswith(f"error: {section}.{key}: "), failed.stderr
+        (repo / "params.yaml").write_text(good)

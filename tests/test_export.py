@@ -12,6 +12,7 @@ from kdcompress.deploy.profiling import count_macs, count_params
 from models import MODELS, create_model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", sorted(m for m in MODELS if m != "tv") + ["tv:mobilenet_v3_small"])
 def test_export_parity_every_model(tmp_path, arch):
     model = create_model(arch, 10, 3).eval()

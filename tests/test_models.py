@@ -81,6 +81,7 @@ def test_torchvision_model_computes_what_torchvision_does_and_its_classifier_rea
             torch.testing.assert_close(getattr(reference, classifier)(out.embedding), out.logits)
 
 
+@pytest.mark.slow
 def test_torchvision_student_exports_and_distils_with_a_feature_method():
     from kdcompress.common.onnx import ort_predict, to_onnx
     from kdcompress.methods import build_loss

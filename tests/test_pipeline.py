@@ -208,6 +208,7 @@ def test_adaptive_spots_end_to_end_ship_the_same_onnx_interface(project):
     assert run.data.tags["kdcompress.teacher_runtime"] == "onnxruntime"
 
 
+@pytest.mark.slow
 def test_sakd_settings_that_cannot_work_are_refused(project, capsys):
     write_params(project, teacher={**TINY["teacher"], "model": "tinycnn"})
     assert prepare.main([]) == 0 and train_teacher.main([]) == 0

@@ -46,6 +46,7 @@ def test_refusals_come_before_anything_is_written(project, distill_cfg, message)
     assert not (project / "out").exists() and not (project / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_a_run_writes_its_outputs_and_the_next_run_reads_the_teacher_cache(trained):
     params = load_params(trained / "params.yaml")
     seed_everything(0, 1)  # as the stage's setup() does

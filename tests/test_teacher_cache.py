@@ -305,6 +305,7 @@ for epoch in range(3):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keys", [("same", "same"), ("one", "two")])
 def test_two_runs_side_by_side_both_finish_with_valid_entries(tmp_path, keys):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
