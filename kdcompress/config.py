@@ -95,6 +95,17 @@ class DataConfig:
     val_fraction: float = _opt(0.1, lo=0.0, hi=0.5, lo_open=True)
     image_size: int | None = _opt(None, lo=8)  # resize to this square size; null: as stored (image_folder: 32)
     download: bool = False  # last resort: torchvision's download (needs internet)
+    # memory: decoded uint8 splits on the device; stream: an index of the files, decoded on the fly by
+    # DataLoader workers; auto: memory when the decoded splits fit memory_budget_gb (image_folder only)
+    storage: str = _opt("auto", choices=("auto", "memory", "stream"))
+    memory_budget_gb: float = _opt(4.0, lo=0.0, lo_open=True)
+    workers: int = _opt(2, lo=0)  # stream: DataLoader worker processes (0: in the main process); prepare's checks
+    train_transform: str = _opt("pad_crop_flip", choices=("pad_crop_flip", "random_resized_crop"))
+    crop_scale: float = _opt(0.08, lo=0.0, hi=1.0, lo_open=True)  # random_resized_crop: smallest area fraction
+    crop_ratio: float = _opt(4 / 3, lo=1.0)  # random_resized_crop: aspect ratios in [1/r, r]
+    crop_fraction: float | None = _opt(None, lo=0.0, hi=1.0, lo_open=True)  # eval centre crop; null: auto
+    normalize: str = _opt("dataset", choices=("dataset", "imagenet"))  # imagenet: its RGB mean/std
+    skip_bad: bool = False  # image_folder: skip unreadable images (counted) instead of failing
 
 
 @dataclass(frozen=True)
@@ -118,12 +129,14 @@ class TrainConfig:
 class TeacherConfig(TrainConfig):
     model: str = "resnet20"
     checkpoint: str = ""  # path to your own weights (a state_dict); empty: train the teacher
+    init: str = ""  # weights to start training from (torchvision, timm or kdcompress state_dict); empty: random
 
 
 @dataclass(frozen=True)
 class DistillConfig(TrainConfig):
     lr: float = _opt(0.1, lo=0.0, lo_open=True)  # the teacher's 0.2 is too high for the small students
     student: str = "mobilenet:16"
+    student_init: str = ""  # weights to start from (torchvision, timm or kdcompress state_dict); empty: random
     method: str = "kd"
     sampling: str = _opt("full", choices=("full", "sakd"))
     ce_weight: float | None = _opt(None, lo=0.0)  # null: the method's recipe (0.1/0.9 logit, 1/1 feature)
@@ -228,7 +241,8 @@ def load_params(path: str | Path) -> dict:
 MODES = (
     ("sakd", None, "distill.sampling", "sakd"),
     ("routing", None, "distill.spots", "adaptive"),
-    ("teacher", tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "eval_batch_size"),
+    ("data", ("crop_scale", "crop_ratio"), "data.train_transform", "random_resized_crop"),
+    ("teacher", (*(f.name for f in dataclasses.fields(TrainConfig) if f.name != "eval_batch_size"), "init"),
      "teacher.checkpoint", ""),
 )
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 REQUIRED_KEYS = ("classes", "mean", "std", "input_shape")  # as kdcompress.export.METADATA_KEYS
@@ -85,27 +85,40 @@ def find_images(args: Iterable[str | Path]) -> Iterator[tuple[str, str | None]]:
             yield str(arg), "not a regular file" if path.exists() else "no such file or folder"
 
 
-def read_pixels(path: str | Path, channels: int, size: tuple[int, int]) -> np.ndarray:
-    """One image as uint8 [H, W] (channels 1) or [H, W, 3]: the first frame, converted to grey ("L")
-    or RGB, then resized to ``size`` = (W, H) with bilinear resampling (aspect ratio not kept) when
-    it differs, as the training pipeline's image-folder reader does. Alpha is dropped (as Pillow's
-    convert does, like training); 16-bit grey ("I;16", or "I"/"F" with values above 255) is scaled
-    to 8 bits. Raises ImageError."""
+MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold (a 9459 x 9459 image)
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def decode_image(path: str | Path, channels: int, min_side: int | None = None) -> Image.Image:
+    """THE decode of kdcompress: every image file that prepare, training, evaluation and this predictor
+    read goes through it. The first frame, EXIF orientation applied (phone photos), converted to grey
+    ("L", ``channels`` 1) or RGB: palette images via RGB(A), 16-bit grey ("I;16", or "I"/"F" with values
+    above 255) scaled to 8 bits, CMYK and YCbCr converted by Pillow, alpha dropped (as Pillow's convert
+    does). A JPEG is decoded at the smallest power-of-two reduction whose shorter side is still at least
+    ``min_side`` (libjpeg's DCT scaling: the same pixels wherever it runs). An image of more than
+    MAX_PIXELS pixels is refused before decoding. Raises ImageError."""
     try:
         with warnings.catch_warnings(), Image.open(path) as img:
-            warnings.simplefilter("ignore")  # palette transparency, decompression-bomb warnings
+            warnings.simplefilter("ignore")  # palette transparency, EXIF warnings
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageError(f"{img.width} x {img.height} pixels is over the limit of {MAX_PIXELS:,} "
+                                 "(a decompression bomb?)")
+            if min_side and img.format == "JPEG":
+                scale = min(img.width, img.height) / min_side
+                if scale >= 2:
+                    img.draft(img.mode, (math.ceil(img.width / scale), math.ceil(img.height / scale)))
             img.load()
-            if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+            img = ImageOps.exif_transpose(img)
+            if img.mode in HIGH_BIT_MODES:
                 grey = np.asarray(img, dtype=np.float64)
                 if img.mode.startswith("I;16") or grey.max(initial=0) > 255:
                     grey = grey / 257  # 0..65535 -> 0..255
                 img = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
             elif img.mode == "P":
                 img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-            img = img.convert("L" if channels == 1 else "RGB")
-            if img.size != size:
-                img = img.resize(size, Image.Resampling.BILINEAR)
-            return np.asarray(img, dtype=np.uint8)
+            return img.convert("L" if channels == 1 else "RGB")
+    except ImageError:
+        raise
     except FileNotFoundError:
         raise ImageError("no such file or folder") from None
     except UnidentifiedImageError:
@@ -113,6 +126,32 @@ def read_pixels(path: str | Path, channels: int, size: tuple[int, int]) -> np.nd
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError, Image.DecompressionBombError) as e:
         reason = getattr(e, "strerror", None) or next(iter(str(e).splitlines()), "") or type(e).__name__
         raise ImageError(f"cannot read the image ({reason})") from None
+
+
+def center_box(width: int, height: int, size: tuple[int, int], fraction: float) -> tuple[float, float, float, float]:
+    """The evaluation crop: the largest centred box of the output's aspect ratio (``size`` = (W, H)),
+    scaled by ``fraction`` (ImageNet's 0.875 for photos; 1.0 keeps the whole shorter side). Resizing
+    this box to ``size`` is "resize the shorter side to size / fraction, centre-crop size" in one step,
+    and keeps the aspect ratio."""
+    aspect = size[0] / size[1]
+    w = min(width, height * aspect) * fraction
+    h = w / aspect
+    x0, y0 = (width - w) / 2, (height - h) / 2
+    return x0, y0, x0 + w, y0 + h
+
+
+def eval_pixels(img: Image.Image, size: tuple[int, int], fraction: float = 1.0) -> np.ndarray:
+    """A decoded image (``decode_image``) as the model's evaluation input: uint8 [H, W] or [H, W, 3],
+    the centre box (``center_box``) resized to ``size`` = (W, H) with Pillow's antialiased bilinear."""
+    box = center_box(img.width, img.height, size, fraction)
+    if img.size != size or box != (0, 0, *size):
+        img = img.resize(size, Image.Resampling.BILINEAR, box=box)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def read_pixels(path: str | Path, channels: int, size: tuple[int, int], fraction: float = 1.0) -> np.ndarray:
+    """One image file as the model's evaluation input (``decode_image`` then ``eval_pixels``)."""
+    return eval_pixels(decode_image(path, channels, math.ceil(max(size) / fraction)), size, fraction)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -151,6 +190,12 @@ class Predictor:
         if len(out_shape) == 2 and isinstance(out_shape[1], int) and out_shape[1] != len(self.classes):
             raise ModelError(f"{model_path}: {len(self.classes)} class names in the metadata but the model "
                              f"outputs {out_shape[1]} scores")
+        try:
+            self.fraction = float(meta.get("crop_fraction", "1.0"))  # the evaluation's centre crop
+        except ValueError:
+            raise ModelError(f"{model_path}: not a kdcompress model (crop_fraction {meta['crop_fraction']!r})") from None
+        if not 0 < self.fraction <= 1:
+            raise ModelError(f"{model_path}: not a kdcompress model (crop_fraction {self.fraction} not in (0, 1])")
         batch = next(i.shape for i in inputs if i.name == self.input_name)[0]
         self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None  # else dynamic
 
@@ -191,7 +236,7 @@ class Predictor:
         for path, error in find_images(paths):
             if error is None:
                 try:
-                    batch.append(self.preprocess(read_pixels(path, self.channels, (self.width, self.height))))
+                    batch.append(self.preprocess(read_pixels(path, self.channels, (self.width, self.height), self.fraction)))
                 except ImageError as e:
                     error = str(e)
             pending.append({"file": path, "error": error} if error else {"file": path})
