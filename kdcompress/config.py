@@ -138,7 +138,7 @@ class DistillConfig(TrainConfig):
     student: str = "mobilenet:16"
     student_init: str = ""  # weights to start from (torchvision, timm or kdcompress state_dict); empty: random
     method: str = "kd"
-    sampling: str = _opt("full", choices=("full", "sakd"))
+    sampling: str = _opt("full", choices=("full", "sakd", "random"))  # random: a seeded sakd.ratio subset
     ce_weight: float | None = _opt(None, lo=0.0)  # null: the method's recipe (0.1/0.9 logit, 1/1 feature)
     kd_weight: float | None = _opt(None, lo=0.0)
     # auto: onnxruntime on CPU for methods that run the teacher forward only, else torch
@@ -175,6 +175,8 @@ class SAKDConfig:
     patch_size: int = _opt(14, lo=1)  # 4x4 patches destroy the teacher signal on 28x28 (measured)
     alpha_rate: str = _opt("beta_raw", choices=("beta_raw", "beta", "one"))  # the rate in the alpha update
     pass_teacher: str = _opt("same", choices=("same", "int8"))  # who runs the difficulty pass
+    loss_scale: str = _opt("paper", choices=("paper", "constant"))  # constant: each batch's weights total the base's
+    normalise: str = _opt("minmax", choices=("minmax", "rank"))  # how the easiness s becomes s_hat in [0, 1]
 
 
 @dataclass(frozen=True)
@@ -237,9 +239,12 @@ def load_params(path: str | Path) -> dict:
 
 
 # sections (or keys of a section) that do something only in one mode: (section, keys or None for all, the mode's
-# key, the value it needs)
+# key, the value it needs or a tuple of the values it works with)
+SUBSET_KEYS = ("ratio", "interval")  # the sakd keys the random subset reads too
 MODES = (
-    ("sakd", None, "distill.sampling", "sakd"),
+    ("sakd", SUBSET_KEYS, "distill.sampling", ("sakd", "random")),
+    ("sakd", tuple(f.name for f in dataclasses.fields(SAKDConfig) if f.name not in SUBSET_KEYS), "distill.sampling",
+     "sakd"),
     ("routing", None, "distill.spots", "adaptive"),
     ("data", ("crop_scale", "crop_ratio"), "data.train_transform", "random_resized_crop"),
     ("teacher", (*(f.name for f in dataclasses.fields(TrainConfig) if f.name != "eval_batch_size"), "init"),
@@ -248,15 +253,17 @@ MODES = (
 
 
 def check_modes(params: dict) -> None:
-    """A non-default value where it does nothing is refused: ``sakd.*`` needs distill.sampling: sakd,
-    ``routing.*`` distill.spots: adaptive, and the teacher's training keys an empty teacher.checkpoint."""
+    """A non-default value where it does nothing is refused: ``sakd.*`` needs distill.sampling: sakd
+    (``sakd.ratio`` and ``sakd.interval``: sakd or random), ``routing.*`` distill.spots: adaptive, and
+    the teacher's training keys an empty teacher.checkpoint."""
     for section, keys, mode, needs in MODES:
         where, key = mode.split(".")
-        if getattr(params[where], key) == needs:
+        allowed = needs if isinstance(needs, tuple) else (needs,)
+        if getattr(params[where], key) in allowed:
             continue
         default = SECTIONS[section]()
         for name in keys or [f.name for f in dataclasses.fields(default)]:
             if getattr(params[section], name) != getattr(default, name):
-                shown = "empty" if needs == "" else repr(needs)
+                shown = " or ".join("empty" if value == "" else repr(value) for value in allowed)
                 raise UserError(f"{section}.{name}: {getattr(params[section], name)!r} does nothing unless {mode} is "
                                 f"{shown}; allowed here: {getattr(default, name)!r} (the default)")

@@ -4,8 +4,8 @@
 
 Built by ``torchvision.models.get_model(name, weights=None, num_classes=...)``: never a download.
 The first convolution is rebuilt for the data's channels. ``extract`` keeps the ``Classifier``
-contract through ``torchvision.models.feature_extraction``, and the traced graph is split at the
-stage outputs (``torch.fx``) so that ``run`` goes from one boundary to the next as for our own nets:
+contract through ``models.graph.SplitNet``: the traced graph (``torch.fx``) is split at the stage
+outputs so that ``run`` goes from one boundary to the next as for our own nets:
 
 - stages: among the model's top-level blocks (and the blocks of its ``features`` or
   ``trunk_output`` container), the last one at each spatial resolution of a 64-px probe; the
@@ -24,10 +24,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.base import EMBEDDING, LOGITS, Classifier
+from models.graph import PROBE, SplitNet
 
 CONTAINERS = ("features", "trunk_output")  # Sequential of blocks whose outputs are stage candidates
-PROBE = 64  # px: every family above downsamples 32x, so each stage still has its own resolution
 POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)  # the global pool before the classifier is no stage
 
 
@@ -63,54 +62,19 @@ def _stage_names(net: nn.Module, in_channels: int) -> list[str]:
     return list(last_at.values())[-4:]
 
 
-class TorchvisionNet(Classifier):
+FAMILIES = "ResNet, MobileNet, EfficientNet, ShuffleNet, RegNet families"
+
+
+class TorchvisionNet(SplitNet):
     def __init__(self, name: str, num_classes: int, in_channels: int):
-        nn.Module.__init__(self)
         import torchvision
-        from torch.fx.passes.split_module import split_module
-        from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
         net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
         parent, attr, conv = _first_conv(net)
         if conv.in_channels != in_channels:
             setattr(parent, attr, nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                                             conv.padding, conv.dilation, conv.groups, conv.bias is not None))
-        self.stage_names = _stage_names(net, in_channels)
-        output = get_graph_node_names(net)[0][-1]
-        nodes = {n: f"stage{i + 1}" for i, n in enumerate(self.stage_names)} | {output: "logits"}
-        graph = create_feature_extractor(net.train(), return_nodes=nodes)
-        for child_name, child in graph.named_children():  # torchvision's parameter names, no prefix
-            self.add_module(child_name, child)
-        # one segment per stage (input -> stage1, stage1 -> stage2, ...) and the head; they run the
-        # shared modules and are not a second registration
-        returned = next(n for n in graph.graph.nodes if n.op == "output").args[0]
-        ends, part, current = {v.name for k, v in returned.items() if k != "logits"}, {}, 0
-        for node in graph.graph.nodes:
-            if node.op not in ("placeholder", "output"):
-                part[node.name] = current
-                current += node.name in ends
-        split = dict(split_module(graph, net, lambda node: part[node.name]).named_children())
-        segments = [split[f"submod_{i}"] for i in range(len(ends) + 1)]
-        object.__setattr__(self, "segments", dict(zip([*(f"stage{i + 1}" for i in range(len(ends))), LOGITS],
-                                                      segments)))
-        with torch.no_grad():
-            probe = torch.randn(2, in_channels, PROBE, PROBE)
-            if not torch.allclose(self.eval().extract(probe).logits, graph.eval()(probe)["logits"], atol=1e-4):
-                raise ValueError(f"tv:{name}: its head is not a global pool and a classifier, which stage-wise "
-                                 "runs need; allowed: ResNet, MobileNet, EfficientNet, ShuffleNet, RegNet families")
-        self.train()
-
-    def boundaries(self) -> list[str]:
-        return [*self.segments][:-1] + [EMBEDDING, LOGITS]
-
-    def step(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        if name == EMBEDDING:  # the global pool, as for our own nets
-            return super().step(name, x)
-        out = self.segments[name](x[:, :, None, None] if name == LOGITS else x)
-        if not isinstance(out, torch.Tensor):
-            raise ValueError(f"{name}: a segment reads more than the boundary before it; stage-wise runs need a chain "
-                             "of blocks")
-        return out
+        super().__init__(f"tv:{name}", net, _stage_names(net, in_channels), in_channels, FAMILIES)
 
 
 def torchvision_model(num_classes: int, in_channels: int, name: str = "") -> TorchvisionNet:

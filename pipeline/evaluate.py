@@ -26,7 +26,7 @@ def main(argv=None):
     device = resolve_device(params["base"].device)
     cfg = params["evaluate"]
     data = load_prepared(args.data, splits=("test",))
-    test = make_loader(data, "test", device, cfg.batch_size)
+    test = make_loader(data, "test", device, cfg.batch_size, workers=params["data"].workers)
     logits = {}
     for role, path in (("teacher", args.teacher), ("student", args.student)):
         logits[role], labels = predict(load_model(path, device, create_model, data), test, desc=f"test {role}")

@@ -14,7 +14,7 @@ from kdcompress.data.loader import make_loader
 from kdcompress.data.prepared import load_prepared
 from kdcompress.deploy.export import metadata_for
 from kdcompress.deploy.profiling import count_macs, count_params
-from kdcompress.io import write_json
+from kdcompress.io import file_sha, write_json
 from kdcompress.training.loop import predict
 from models import create_model
 from pipeline._common import setup, stage
@@ -27,11 +27,12 @@ def main(argv=None):
                          out="artifacts/onnx", metrics="artifacts/metrics/export.json")
     cfg, device = params["export"], torch.device("cpu")
     data = load_prepared(args.data, splits=("val",))  # parity is a gate: decided on val, like every choice
-    val = make_loader(data, "val", device, params["evaluate"].batch_size)
+    val = make_loader(data, "val", device, params["evaluate"].batch_size, workers=params["data"].workers)
     out, report, protos, metas = Path(args.out), {}, {}, {}
     for role, path in (("student", args.student), ("teacher", args.teacher)):
         model = load_model(path, device, create_model, data)
-        metas[role] = metadata_for(role, model.arch, data.classes, data.mean, data.std, data.input_shape, cfg.opset)
+        metas[role] = metadata_for(role, model.arch, data.classes, data.mean, data.std, data.input_shape, cfg.opset,
+                                   data.geometry.crop_fraction)
         protos[role] = to_onnx(model, data.input_shape, cfg.opset, metas[role])
         serialized = protos[role].SerializeToString()
         torch_logits, _ = predict(model, val, desc=f"parity {role}")
@@ -46,7 +47,7 @@ def main(argv=None):
     with tracking.resume_run("student", args.student, "student"):
         tracking.log_metrics({"export": report})
         tracking.log_tags({"kdcompress.teacher": metas["teacher"]["kdcompress.architecture"],
-                           "kdcompress.teacher_sha": tracking.file_sha(args.teacher)})
+                           "kdcompress.teacher_sha": file_sha(args.teacher)})
         tracking.log_onnx(protos["student"], data.input_shape)
     print(f"exported student ({s['file_bytes'] / 1024:.1f} KiB, parity max |dlogit| {s['max_abs_diff']:.2e}, "
           f"agreement {s['top1_agreement']:.2%}) and teacher to {out}")

@@ -1,27 +1,21 @@
-"""Stage 1: read the raw data set, carve a seeded val split, write uint8 tensors + meta."""
+"""Stage 1: read the raw data set, choose the storage (decoded tensors in memory, or an index of image
+files decoded on the fly), take or carve the val split, write the prepared splits + meta."""
 
 from __future__ import annotations
 
-import os
-
-from kdcompress.data.prepared import Prepared, Split, channel_stats, save_prepared, split_train_val
-from kdcompress.data.sources import load_source
+from kdcompress.data.prepare import prepare
+from kdcompress.io import write_json
 from pipeline._common import setup, stage
 
 
 @stage
 def main(argv=None):
-    args, params = setup(argv, "prepare", out="artifacts/data")
+    args, params = setup(argv, "prepare", out="artifacts/data", metrics="artifacts/metrics/prepare.json")
     cfg = params["data"]
-    raw = load_source(cfg)
-    train, val = split_train_val(raw.train_images, raw.train_labels, cfg.val_fraction, params["base"].seed)
-    mean, std = channel_stats(train.images)
-    data = Prepared(train, val, Split(raw.test_images, raw.test_labels), raw.classes, mean, std, raw.source)
-    save_prepared(data, args.out)
-    if not os.path.abspath(raw.source).startswith(os.path.abspath("data") + os.sep):
-        print(f"note: read {raw.source}, which is outside data/: `dvc repro` will not notice when it changes")
-    print(f"prepared {cfg.dataset} from {raw.source}: train {len(train)}, val {len(val)}, test {len(data.test)}, "
-          f"shape {data.input_shape}")
+    summary = prepare(cfg, params["base"].seed, args.out)
+    write_json(args.metrics, summary)
+    print(f"prepared {cfg.dataset} ({summary['storage']}): train {summary['train']}, val {summary['val']}, "
+          f"test {summary['test']}")
 
 
 if __name__ == "__main__":

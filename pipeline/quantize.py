@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from kdcompress.common import tracking
 from kdcompress.common.int8 import calibration_batches, int8_path, quantize
-from kdcompress.common.onnx import METADATA_KEYS, ort_predict, read_metadata
+from kdcompress.common.onnx import METADATA_KEYS, ort_predict_many, read_metadata
 from kdcompress.data.loader import make_loader
 from kdcompress.data.prepared import load_prepared
 from kdcompress.deploy.quantize import accuracy, gate
@@ -26,14 +26,18 @@ def main(argv=None):
     for path in paths.values():
         read_metadata(path, METADATA_KEYS)
     data = load_prepared(args.data, splits=("train", *SPLITS))
-    calibration = make_loader(data, "train", "cpu", 64)
-    images = {split: [x.numpy() for x, _, _ in make_loader(data, split, "cpu", params["evaluate"].batch_size).batches()]
-              for split in SPLITS}
-    report = {}
+    workers = params["data"].workers
+    calibration = make_loader(data, "train", "cpu", 64, workers=workers)
+    models = {}
     for role, fp32 in paths.items():
-        int8 = quantize(fp32, int8_path(fp32), calibration_batches(calibration, cfg.samples, seed),
-                        cfg.calibration, cfg.per_channel)
-        figures = {split: accuracy(ort_predict(fp32, images[split]), ort_predict(int8, images[split]),
+        models[role, "int8"] = quantize(fp32, int8_path(fp32), calibration_batches(calibration, cfg.samples, seed),
+                                        cfg.calibration, cfg.per_channel)
+        models[role, "fp32"] = fp32
+    logits = {split: ort_predict_many(models, (x.numpy() for x, _, _ in make_loader(
+        data, split, "cpu", params["evaluate"].batch_size, workers=workers).batches())) for split in SPLITS}
+    report = {}
+    for role in paths:
+        figures = {split: accuracy(logits[split][role, "fp32"], logits[split][role, "int8"],
                                    getattr(data, split).labels.numpy()) for split in SPLITS}
         report[role] = {**figures, **gate(figures["val"], cfg.max_drop), "calibration": cfg.calibration,
                         "calibration_samples": min(cfg.samples, len(data.train)), "per_channel": cfg.per_channel}

@@ -88,6 +88,27 @@ def write_fashion_idx(folder: Path, n_train: int = 120, n_test: int = 60, size: 
     return folder
 
 
+def write_photo_folder(root: Path, per_class: dict[str, int], classes: int = 4, seed: int = 0) -> Path:
+    """A tiny image folder of colour photos-like files, ``root/<split>/c<k>/<i>.<ext>`` with
+    ``per_class[split]`` images per class: varied sizes and aspect ratios, JPEG and PNG, learnable
+    (class = the brightest quadrant, as make_split)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in per_class.items():
+        for k in range(classes):
+            folder = root / split / f"c{k}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                w, h = int(rng.integers(24, 48)), int(rng.integers(24, 48))
+                pixels = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
+                r, q = divmod(k % 4, 2)
+                pixels[r * h // 2:(r + 1) * h // 2, q * w // 2:(q + 1) * w // 2] += np.uint8(150)
+                name = folder / f"{i}.{'jpg' if i % 2 else 'png'}"
+                Image.fromarray(pixels).save(name, **({"quality": 95} if i % 2 else {}))
+    return root
+
+
 # the params and project folder of the tests that run the real pipeline stages on tiny data
 TINY = {
     "base": {"seed": 0, "device": "cpu", "num_threads": 1},

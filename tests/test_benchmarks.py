@@ -4,7 +4,7 @@ restarts and on different machines (benchmarks._runs.pin_teacher)."""
 import pytest
 
 from benchmarks import _runs
-from kdcompress.common.tracking import file_sha
+from kdcompress.io import file_sha
 
 
 def test_pin_teacher_copies_the_dvc_teacher_once_and_refuses_another(tmp_path, monkeypatch):
@@ -157,3 +157,54 @@ def test_sakd_pair_pins_its_own_teacher_and_a_method_rerun_starts_on_the_method_
     assert (out / "methods_rerun_teacher.pt").read_bytes() == pinned.read_bytes()
     report = (out / "methods_rerun.md").read_text()
     assert "All 1 runs trained for" in report and "Against the same runs in methods.json" not in report
+
+
+def test_photo_folder_writes_varied_rgb_jpegs_in_the_image_folder_layout_the_same_bytes_for_a_seed(tmp_path, capsys):
+    import numpy as np
+    from conftest import write_idx
+    from PIL import Image
+
+    from benchmarks.photo_folder import main, safe_name
+    from kdcompress.config import DataConfig
+    from kdcompress.data.sources import FASHION_CLASSES, load_image_folder
+
+    rng = np.random.default_rng(0)
+    labels = {"train": np.array([3, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0]), "t10k": np.array([2, 0])}
+    for prefix, lbl in labels.items():
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (len(lbl), 28, 28)))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", lbl)
+    classes = [safe_name(c) for c in FASHION_CLASSES]
+    assert classes[0] == "T-shirt_top" and classes[9] == "Ankle_boot"
+
+    def generate(name: str, seed: int, workers: int) -> dict[str, bytes]:
+        out = tmp_path / name
+        assert main(["--train", "14", "--test", "3", "--out", str(out), "--seed", str(seed),
+                     "--workers", str(workers), "--idx-dir", str(tmp_path)]) == 0
+        return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.jpg"))}
+
+    first = generate("a", seed=0, workers=1)
+    assert "train: 14 images from 12 items; items reused cyclically" in capsys.readouterr().out
+    # one item of each class in turn (classes 0..9, then the second items of classes 0 and 3), then again
+    train_classes = [*range(10), 0, 3, 0, 1]
+    expected = {f"train/{classes[c]}/{i}.jpg" for i, c in enumerate(train_classes)}
+    expected |= {f"test/{classes[c]}/{i}.jpg" for i, c in enumerate([0, 2, 0])}
+    assert set(first) == expected
+    for split in ("train", "test"):  # every class folder, even empty ones: train and test agree
+        assert sorted(p.name for p in (tmp_path / "a" / split).iterdir()) == sorted(classes)
+    sizes = set()
+    for name in first:
+        with Image.open(tmp_path / "a" / name) as img:
+            assert (img.format, img.mode) == ("JPEG", "RGB")
+            assert 140 <= min(img.size) <= 260 and max(img.size) <= round(260 * 4 / 3)
+            sizes.add(img.size)
+    assert len(sizes) > 5
+    assert first["train/T-shirt_top/12.jpg"] != first["train/T-shirt_top/0.jpg"]  # a reused item, other draws
+
+    assert generate("b", seed=0, workers=2) == first  # the bytes depend on the seed, not on the workers
+    other = generate("c", seed=1, workers=1)
+    assert set(other) == set(first) and all(other[k] != first[k] for k in first)
+    assert main(["--train", "1", "--test", "1", "--out", str(tmp_path / "a"), "--idx-dir", str(tmp_path)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+    raw = load_image_folder(DataConfig(dataset="image_folder", root=str(tmp_path / "a"), image_size=16))
+    assert raw.classes == sorted(classes) and len(raw.train_labels) == 14 and len(raw.test_labels) == 3

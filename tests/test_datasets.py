@@ -221,28 +221,33 @@ def make_image_folder(root: Path, size=8):
     rng = np.random.default_rng(3)
     cat = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
     save(root / "train" / "cat" / "a.png", cat)
-    save(root / "train" / "cat" / "b.png", rng.integers(0, 256, (20, 12, 3), dtype=np.uint8))  # resized
+    save(root / "train" / "cat" / "b.png", cat[:, ::-1].copy())
+    tall = rng.integers(0, 256, (3 * size, size, 3), dtype=np.uint8)  # centre-cropped, not squashed
+    save(root / "train" / "cat" / "c.png", tall)
     grey = np.arange(size * size, dtype=np.uint8).reshape(size, size)
     save(root / "train" / "dog" / "g.png", grey)  # mode L
     (root / "train" / "dog" / "notes.txt").write_text("not an image")
     save(root / "test" / "cat" / "c.png", cat[::-1].copy())
     save(root / "test" / "dog" / "d.PNG", grey.T.copy())
-    return cat, grey
+    return cat, tall, grey
 
 
 def test_image_folder(tmp_path):
-    cat, grey = make_image_folder(tmp_path)
-    raw = load_source(cfg("image_folder", tmp_path, image_size=8))
+    cat, tall, grey = make_image_folder(tmp_path)
+    raw = load_source(cfg("image_folder", tmp_path, image_size=8, crop_fraction=1.0), seed=0)
     assert raw.classes == ["cat", "dog"]
     assert raw.train_images.shape == (3, 3, 8, 8) and raw.test_images.shape == (2, 3, 8, 8)
+    assert raw.val_images.shape == (1, 3, 8, 8) and raw.val_labels.tolist() == [0]  # carved from cat, dog has one
     assert raw.train_images.dtype == torch.uint8 and raw.train_labels.dtype == torch.int64
     assert raw.train_labels.tolist() == [0, 0, 1] and raw.test_labels.tolist() == [0, 1]
-    assert np.array_equal(raw.train_images[0].permute(1, 2, 0).numpy(), cat)  # PNG is lossless, no resize
+    cats = [x.permute(1, 2, 0).numpy() for x in [*raw.train_images[:2], raw.val_images[0]]]
+    for want in (cat, cat[:, ::-1], tall[8:16]):  # PNG is lossless; the tall one loses its top and bottom
+        assert sum(np.array_equal(got, want) for got in cats) == 1
     for c in range(3):  # grey image -> the same values in R, G and B
         assert np.array_equal(raw.train_images[2, c].numpy(), grey)
         assert np.array_equal(raw.test_images[1, c].numpy(), grey.T)
     assert np.array_equal(raw.test_images[0].permute(1, 2, 0).numpy(), cat[::-1])
-    assert raw.source == str(tmp_path)
+    assert raw.source == str(tmp_path) and len(raw.mean) == len(raw.std) == 3
 
 
 def test_image_folder_mismatched_test_classes(tmp_path):
@@ -266,11 +271,13 @@ def test_image_folder_unreadable_file(tmp_path):
         load_source(cfg("image_folder", tmp_path, image_size=8))
 
 
-def test_image_folder_empty_class(tmp_path):
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_image_folder_empty_class(tmp_path, split):
     make_image_folder(tmp_path)
-    (tmp_path / "train" / "emu").mkdir()
-    (tmp_path / "test" / "emu").mkdir()
-    with pytest.raises(UserError, match="emu: no images"):
+    save(tmp_path / "train" / "emu" / "e.png", np.zeros((8, 8, 3), np.uint8))
+    save(tmp_path / "test" / "emu" / "e.png", np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / split / "emu" / "e.png").unlink()
+    with pytest.raises(UserError, match=f"{split}/emu: no images"):
         load_source(cfg("image_folder", tmp_path, image_size=8))
 
 

@@ -51,7 +51,12 @@ def expected_probs(model: torch.nn.Module, channels: int, pixels: np.ndarray) ->
 
 
 def resized(img: Image.Image, mode: str) -> np.ndarray:
-    return np.asarray(img.convert(mode).resize((SIZE, SIZE), Image.Resampling.BILINEAR))
+    """The centred square of side min(W, H) (the models here have no crop_fraction: 1.0), resized to SIZE
+    x SIZE: the aspect ratio is kept, the longer side's ends are cut (computed here, not by predict.py)."""
+    side = min(img.size)
+    left, top = (img.width - side) / 2, (img.height - side) / 2
+    box = (left, top, left + side, top + side)
+    return np.asarray(img.convert(mode).resize((SIZE, SIZE), Image.Resampling.BILINEAR, box=box))
 
 
 def write_images(folder: Path) -> dict[int, dict[str, np.ndarray]]:

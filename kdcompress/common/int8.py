@@ -19,7 +19,6 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from kdcompress.common.onnx import INPUT_NAME, save_onnx, set_metadata
-from kdcompress.data.loader import BatchLoader
 
 CALIBRATIONS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                 "percentile": CalibrationMethod.Percentile}
@@ -40,8 +39,8 @@ class _Batches(CalibrationDataReader):
         return None if batch is None else {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
 
 
-def calibration_batches(loader: BatchLoader, samples: int, seed: int) -> Iterator[np.ndarray]:
-    """A seeded sample of ``samples`` images of ``loader``'s split (the training split, never test),
+def calibration_batches(loader, samples: int, seed: int) -> Iterator[np.ndarray]:
+    """A seeded sample of ``samples`` images of ``loader``'s split (a data loader of the training split, never test),
     as normalised float batches of the loader's batch size."""
     pick = torch.randperm(len(loader), generator=torch.Generator().manual_seed(seed))[:samples]
     return (x.cpu().numpy() for x, _, _ in loader.batches(pick))

@@ -90,6 +90,18 @@ def ort_predict(path: str | Path | bytes, inputs) -> np.ndarray:
     return np.concatenate([sess.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x)})[0] for x in inputs])
 
 
+def ort_predict_many(models: dict[str, str | Path], inputs) -> dict[str, np.ndarray]:
+    """``ort_predict`` of several models in one pass over ``inputs`` (each batch made once: a streamed
+    split is decoded once for all of them)."""
+    sessions = {name: session(path) for name, path in models.items()}
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in models}
+    for x in inputs:
+        x = np.ascontiguousarray(x)
+        for name, sess in sessions.items():
+            parts[name].append(sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0])
+    return {name: np.concatenate(p) for name, p in parts.items()}
+
+
 def parity(model: str | Path | bytes, torch_logits: torch.Tensor, inputs, atol: float, name: str = "") -> dict:
     """Run the ONNX model (a file, or serialized bytes checked before anything is written) over
     ``inputs`` (an iterable of float batches) and compare with ``torch_logits`` (same order). Raises

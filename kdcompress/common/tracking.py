@@ -8,10 +8,11 @@ the student checkpoint: no run-id file, so stages that DVC skips do not break th
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
+
+from kdcompress.io import file_sha
 
 EXPERIMENT = "kdcompress"
 TAG_ROLE, TAG_CHECKPOINT = "kdcompress.role", "kdcompress.checkpoint_sha"
@@ -29,14 +30,6 @@ def project_root() -> Path:
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
-
-
-def file_sha(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
 
 
 def _client_setup():

@@ -1,36 +1,45 @@
 """Batches of normalised images from a prepared split held in memory (uint8 tensors on the device),
-augmented as whole batches; every random choice is a pure function of (seed, epoch, sample)."""
+augmented as whole batches; every random choice is a pure function of (seed, epoch, sample).
+``make_loader`` picks this loader or the streaming one (``kdcompress.data.stream``) for a split."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-import numpy as np
 import torch
 
 from kdcompress.data.prepared import Prepared, Split
+from kdcompress.data.stream import FileSplit, StreamLoader
+from kdcompress.data.transforms import (
+    Geometry,
+    box_in_pixels,
+    epoch_batches,
+    epoch_generator,
+    pad_crop,
+    pad_crop_draws,
+    resized_crop_batch,
+    resized_crop_draws,
+)
 
-
-def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
-    """A CPU generator that depends only on (seed, epoch, stream): epochs can be replayed in any
-    order, in any process (resume, the teacher-output cache)."""
-    mixed = np.random.SeedSequence([seed, epoch, stream]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(mixed[0]) << 31 | int(mixed[1]) >> 1)
+__all__ = ["BatchLoader", "epoch_generator", "make_loader"]
 
 
 class BatchLoader:
     """Batches of (x, y, index) from a uint8 split held on ``device``.
 
     ``x`` is float, normalised with the data set's mean/std and in channels_last memory format.
-    With ``augment``: random crop with zero padding and random horizontal flip. The shuffle order
-    of epoch ``e`` and the crop/flip of sample ``i`` in epoch ``e`` are pure functions of
-    ``(seed, e, i)``: no generator state is carried from one epoch to the next.
+    With ``augment``, ``geometry.train_transform`` says how: "pad_crop_flip", a random crop of the
+    image zero-padded by ``crop_padding``; "random_resized_crop", a random box (``geometry.crop_scale``,
+    ``crop_ratio``) resized back to the stored size; then, with ``hflip``, a random horizontal flip.
+    The shuffle order of epoch ``e`` and the augmentation of sample ``i`` in epoch ``e`` are pure
+    functions of ``(seed, e, i)``: no generator state is carried from one epoch to the next.
     ``transform`` (optional) maps a float batch in [0, 1] before normalisation (SAKD's
     interruptions use it).
     """
 
     def __init__(self, split: Split, mean: list[float], std: list[float], device: torch.device | str = "cpu",
-                 batch_size: int = 128, crop_padding: int = 0, hflip: bool = False, seed: int = 0):
+                 batch_size: int = 128, crop_padding: int = 0, hflip: bool = False, seed: int = 0,
+                 geometry: Geometry = Geometry()):
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
         self.device = torch.device(device)
@@ -40,15 +49,21 @@ class BatchLoader:
         self.crop_padding = crop_padding
         self.hflip = hflip
         self.seed = seed
+        self.geometry = geometry
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every ``x`` this loader yields."""
+        return tuple(self.images.shape[1:])
 
     def view(self, batch_size: int) -> BatchLoader:
         """A loader over the same tensors (no copy, on the same device), un-augmented, with its own
         batch size."""
         return BatchLoader(Split(self.images, self.labels), self.mean.flatten().tolist(), self.std.flatten().tolist(),
-                           self.device, batch_size=batch_size, seed=self.seed)
+                           self.device, batch_size=batch_size, seed=self.seed, geometry=self.geometry)
 
     def num_batches(self, n: int | None = None) -> int:
         n = len(self) if n is None else n
@@ -59,13 +74,8 @@ class BatchLoader:
                 shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """``shard=(rank, world)``: this rank's part of every batch (contiguous, near-equal parts of the
         same global batches in every rank)."""
-        idx = torch.arange(len(self), device=self.device) if indices is None else indices.to(self.device)
-        if shuffle:
-            perm = torch.randperm(len(idx), generator=epoch_generator(self.seed, epoch, 0))
-            idx = idx[perm.to(self.device)]
         draws = self.augmentation(epoch) if augment else None
-        for start in range(0, len(idx), self.batch_size):
-            b = idx[start:start + self.batch_size].tensor_split(shard[1])[shard[0]]
+        for b in epoch_batches(len(self), indices, self.batch_size, shuffle, self.seed, epoch, shard, self.device):
             x = self.images[b].float().div_(255.0)
             if draws is not None:
                 x = self.augment(x, *(d[b] for d in draws))
@@ -74,29 +84,33 @@ class BatchLoader:
             x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
             yield x, self.labels[b], b
 
-    def augmentation(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-sample (dy, dx, flip) of every sample of the split in ``epoch``."""
-        g, n, span = epoch_generator(self.seed, epoch, 1), len(self), 2 * self.crop_padding + 1
-        dy = torch.randint(0, span, (n,), generator=g)
-        dx = torch.randint(0, span, (n,), generator=g)
-        flip = (torch.rand(n, generator=g) < 0.5) & self.hflip
-        return dy.to(self.device), dx.to(self.device), flip.to(self.device)
+    def augmentation(self, epoch: int) -> tuple[torch.Tensor, ...]:
+        """Per-sample draws of every sample of the split in ``epoch``, on the device: (dy, dx, flip) for
+        pad_crop_flip, (boxes as fractions of the stored image [n, 4], flip) for random_resized_crop."""
+        g = self.geometry
+        if g.train_transform == "random_resized_crop":
+            boxes, flip = resized_crop_draws(self.seed, epoch, len(self), g.crop_scale, g.crop_ratio, self.hflip)
+            h, w = self.images.shape[-2:]
+            boxes = box_in_pixels(boxes, w, h) / torch.tensor([w, h, w, h], dtype=boxes.dtype)
+            return boxes.float().to(self.device), flip.to(self.device)
+        return tuple(d.to(self.device) for d in pad_crop_draws(self.seed, epoch, len(self), self.crop_padding,
+                                                               self.hflip))
 
-    def augment(self, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-        """Crop each image at offset (dy, dx) of its zero-padded copy, then flip where ``flip``."""
-        n, _, h, w = x.shape
-        p = self.crop_padding
-        if p > 0:
-            padded = torch.nn.functional.pad(x, (p, p, p, p))
-            rows = (torch.arange(h, device=x.device) + dy[:, None])[:, None, :, None]  # [n, 1, h, 1]
-            cols = (torch.arange(w, device=x.device) + dx[:, None])[:, None, None, :]  # [n, 1, 1, w]
-            batch = torch.arange(n, device=x.device)[:, None, None, None]
-            chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-            x = padded[batch, chan, rows, cols]
-        return torch.where(flip[:, None, None, None], x.flip(3), x)
+    def augment(self, x: torch.Tensor, *draws: torch.Tensor) -> torch.Tensor:
+        """The float batch ``x`` augmented with its samples' ``augmentation`` draws."""
+        if self.geometry.train_transform == "random_resized_crop":
+            return resized_crop_batch(x, *draws, tuple(x.shape[-2:]))
+        return pad_crop(x, *draws, self.crop_padding)
 
 
-def make_loader(data: Prepared, split: str, device: torch.device | str, batch_size: int, **kw) -> BatchLoader:
-    """A BatchLoader over ``data``'s split ``split`` ('train', 'val' or 'test'), normalised with the
-    data set's statistics."""
-    return BatchLoader(getattr(data, split), data.mean, data.std, device, batch_size, **kw)
+def make_loader(data: Prepared, split: str, device: torch.device | str, batch_size: int, workers: int = 0,
+                **kw) -> BatchLoader | StreamLoader:
+    """A loader over ``data``'s split ``split`` ('train', 'val' or 'test'), normalised with the data set's
+    statistics and shaped by its geometry: a StreamLoader (``workers`` decoding processes) for a split of
+    files, a BatchLoader for one held in memory. ``kw``: crop_padding, hflip, seed."""
+    part = getattr(data, split)
+    geometry = getattr(data, "geometry", Geometry())
+    if isinstance(part, FileSplit):
+        return StreamLoader(part, data.mean, data.std, device, batch_size, geometry=geometry,
+                            channels=data.input_shape[0], workers=workers, **kw)
+    return BatchLoader(part, data.mean, data.std, device, batch_size, geometry=geometry, **kw)

@@ -8,8 +8,9 @@ Formats:
 
 - ``mnist`` / ``fashion_mnist``: the four IDX files (plain or .gz), 1 x 28 x 28.
 - ``cifar10`` / ``cifar100``: torchvision's python-pickle batches, 3 x 32 x 32.
-- ``image_folder``: ``<root>/train/<class>/*`` and ``<root>/test/<class>/*`` image files, always
-  converted to RGB and resized to ``data.image_size`` squared (32 when it is null).
+- ``image_folder``: ``<root>/train/<class>/*``, ``<root>/test/<class>/*`` (and optionally
+  ``<root>/val/<class>/*``) image files, read by ``kdcompress.data.folder``: always RGB,
+  centre-cropped to ``data.image_size`` squared (32 when it is null) keeping the aspect ratio.
 
 ``load_source`` resizes every other data set to ``data.image_size`` squared too, when it is set
 (a 28-px set can feed a 64-px or 224-px torchvision network).
@@ -28,12 +29,12 @@ import numpy as np
 import torch
 
 from kdcompress.config import DataConfig
+from kdcompress.data.folder import decode_split, index_image_folder
 from kdcompress.types import UserError
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
 MNIST_CLASSES = [str(i) for i in range(10)]
-IMAGE_FOLDER_SIZE = 32  # px, when data.image_size is null
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -47,6 +48,12 @@ class RawDataset:
     test_labels: torch.Tensor
     classes: list[str]
     source: str
+    # a val split of the source's own (an image folder's val/ or per-class carve), and the training split's
+    # channel mean/std when the reader computed them; None: carve a val split, compute the statistics
+    val_images: torch.Tensor | None = None
+    val_labels: torch.Tensor | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -245,75 +252,16 @@ def load_cifar(cfg: DataConfig) -> RawDataset:
 
 # --- image folder ------------------------------------------------------------------------------
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
-def _class_dirs(split_dir: Path) -> list[str]:
-    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _image_files(class_dir: Path) -> list[Path]:
-    return sorted(p for p in class_dir.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def read_image(path: Path, size: int) -> np.ndarray:
-    """One image file as uint8 [size, size, 3]: converted to RGB, resized (bilinear) unless it
-    already has that size."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.BILINEAR)
-            return np.asarray(img, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # UnidentifiedImageError: OSError
-        raise UserError(f"{path}: cannot read the image ({e})") from None
-
-
-def read_image_split(split_dir: Path, classes: list[str], size: int,
-                     require_all: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        found = _image_files(split_dir / name)
-        if not found and require_all:
-            raise UserError(f"{split_dir / name}: no images (allowed extensions: {', '.join(IMAGE_EXTENSIONS)})")
-        files += found
-        labels += [label] * len(found)
-    if not files:
-        raise UserError(f"{split_dir}: no images in its class folders "
-                        f"(allowed extensions: {', '.join(IMAGE_EXTENSIONS)})")
-    images = np.empty((len(files), size, size, 3), dtype=np.uint8)
-    for i, path in enumerate(files):
-        images[i] = read_image(path, size)
-    return (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
-            torch.tensor(labels, dtype=torch.int64))
-
-
-def load_image_folder(cfg: DataConfig) -> RawDataset:
-    """<root>/train/<class>/*.{png,jpg,jpeg,bmp,webp} and <root>/test/<class>/... . Class names are
-    train's sorted subfolder names; test must have the same subfolders (a test class folder may be
-    empty). Every image becomes RGB (grey images too, so all images share 3 channels) and
-    data.image_size x data.image_size (bilinear resize; the aspect ratio is not kept)."""
-    root = Path(cfg.root)
-    for split in ("train", "test"):
-        if not (root / split).is_dir():
-            raise UserError(f"data.dataset=image_folder: folder {root / split} not found; expected "
-                            f"{root}/train/<class>/<image> and {root}/test/<class>/<image> (data.root={cfg.root})")
-    classes = _class_dirs(root / "train")
-    if not classes:
-        raise UserError(f"{root / 'train'}: no class subfolders; expected {root}/train/<class>/<image>")
-    test_classes = _class_dirs(root / "test")
-    if test_classes != classes:
-        missing, extra = sorted(set(classes) - set(test_classes)), sorted(set(test_classes) - set(classes))
-        raise UserError(f"{root / 'test'}: class folders differ from {root / 'train'}"
-                        + (f"; missing in test: {', '.join(missing)}" if missing else "")
-                        + (f"; not in train: {', '.join(extra)}" if extra else ""))
-    size = cfg.image_size or IMAGE_FOLDER_SIZE
-    train = read_image_split(root / "train", classes, size, require_all=True)
-    test = read_image_split(root / "test", classes, size, require_all=False)
-    return RawDataset(*train, *test, classes=classes, source=str(root))
+def load_image_folder(cfg: DataConfig, seed: int = 0) -> RawDataset:
+    """<root>/train/<class>/<image> and <root>/test/<class>/<image> (and <root>/val/<class>/<image>, or
+    a val split carved out of train per class with ``seed``), read by ``kdcompress.data.folder``: every
+    file checked, then each split decoded into one uint8 [N, 3, S, S] tensor, S = data.image_size (32
+    when null), each image RGB and centre-cropped to a square (the aspect ratio is kept, the crop is
+    data.crop_fraction of the shorter side). Holds the decoded splits only, never a copy of them."""
+    index = index_image_folder(cfg, seed)
+    train, val, test = (decode_split(index, split, cfg) for split in ("train", "val", "test"))
+    return RawDataset(*train, *test, classes=index.classes, source=str(index.root), val_images=val[0],
+                      val_labels=val[1], mean=index.mean, std=index.std)
 
 
 READERS = {
@@ -338,9 +286,13 @@ def resize(images: torch.Tensor, size: int, chunk: int = 2048) -> torch.Tensor:
     return out
 
 
-def load_source(cfg: DataConfig) -> RawDataset:
+def load_source(cfg: DataConfig, seed: int = 0) -> RawDataset:
+    """The raw data set of ``data.dataset`` at ``data.image_size``; ``seed`` carves an image folder's val split
+    (the other readers have no val split of their own)."""
     if cfg.dataset not in READERS:
         raise UserError(f"data.dataset: {cfg.dataset!r} has no reader; allowed: {', '.join(sorted(READERS))}")
+    if READERS[cfg.dataset] is load_image_folder:
+        return load_image_folder(cfg, seed)  # decoded at its size already
     raw = READERS[cfg.dataset](cfg)
     if cfg.image_size:
         raw.train_images = resize(raw.train_images, cfg.image_size)

@@ -193,7 +193,8 @@ class Predictor:
         try:
             self.fraction = float(meta.get("crop_fraction", "1.0"))  # the evaluation's centre crop
         except ValueError:
-            raise ModelError(f"{model_path}: not a kdcompress model (crop_fraction {meta['crop_fraction']!r})") from None
+            raise ModelError(f"{model_path}: not a kdcompress model (crop_fraction: {meta['crop_fraction']!r})") \
+                from None
         if not 0 < self.fraction <= 1:
             raise ModelError(f"{model_path}: not a kdcompress model (crop_fraction {self.fraction} not in (0, 1])")
         batch = next(i.shape for i in inputs if i.name == self.input_name)[0]
@@ -236,7 +237,8 @@ class Predictor:
         for path, error in find_images(paths):
             if error is None:
                 try:
-                    batch.append(self.preprocess(read_pixels(path, self.channels, (self.width, self.height), self.fraction)))
+                    pixels = read_pixels(path, self.channels, (self.width, self.height), self.fraction)
+                    batch.append(self.preprocess(pixels))
                 except ImageError as e:
                     error = str(e)
             pending.append({"file": path, "error": error} if error else {"file": path})

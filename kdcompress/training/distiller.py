@@ -25,7 +25,9 @@ class Distiller(nn.Module):
     ``default_weights``). When the sample selector hands per-sample distillation strengths
     ``alpha`` (SAKD), it is ``2 * [(1 - alpha_i) * ce_weight * CE_i + alpha_i * kd_weight * KD_i]``,
     as in the SAKD authors' code: ``alpha = 0.5`` is exactly the base method, and batch-level
-    losses use the batch mean of alpha for their KD term. With ``loss=None`` it is plain
+    losses use the batch mean of alpha for their KD term. ``alpha_scale = "constant"`` (SAKD's
+    ``sakd.loss_scale``, set by its selector) multiplies that by ``constant_scale``, so that the
+    batch's per-sample weights total those of the base method. With ``loss=None`` it is plain
     cross-entropy: the teacher's own training and the ``ce`` baseline. With a ``router``
     (spot-adaptive distillation, kdcompress.routing), KD_i is the sum of the method's per-spot terms
     that the router's policy gates for this sample.
@@ -44,6 +46,7 @@ class Distiller(nn.Module):
         self.label_smoothing = label_smoothing
         self.cache: TeacherCache | None = None  # stored teacher outputs, used when forward() gets the indices
         self.router = router  # trained by its own optimizer, never by fit()'s
+        self.alpha_scale = "paper"  # paper | constant: the loss with per-sample alpha (see above)
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
@@ -130,6 +133,8 @@ class Distiller(nn.Module):
             else:
                 kd_alpha = alpha.mean() if self.loss.batch_level else alpha
                 per_sample = 2 * ((1 - alpha) * self.ce_weight * ce + kd_alpha * self.kd_weight * kd)
+                if self.alpha_scale == "constant":
+                    per_sample = per_sample * constant_scale(alpha, self.ce_weight, self.kd_weight).to(per_sample.dtype)
         # a rank may hold no sample of the last global batch: its share of the loss is 0, not the NaN of an empty mean
         loss = per_sample.mean() if len(per_sample) else per_sample.sum()
         return StepOutput(loss=loss, logits=s.logits.detach(), per_sample=per_sample.detach(), target=y)
@@ -137,6 +142,23 @@ class Distiller(nn.Module):
     def after_step(self) -> None:
         if self.loss is not None:
             self.loss.after_step(self.student)
+
+
+def alpha_weights(alpha: torch.Tensor, ce_weight: float, kd_weight: float) -> torch.Tensor:
+    """Each sample's weight of CE plus that of KD in the loss with per-sample ``alpha``:
+    ``2 [(1 - alpha_i) ce_weight + alpha_i kd_weight]`` (the base method's is ``ce_weight + kd_weight``)."""
+    return 2 * ((1 - alpha) * ce_weight + alpha * kd_weight)
+
+
+def constant_scale(alpha: torch.Tensor, ce_weight: float, kd_weight: float) -> torch.Tensor:
+    """The factor (a 0-d tensor) that makes the ``alpha_weights`` of the global batch (every rank's
+    samples) total the base method's: exactly 1 when alpha is 0.5; when alpha falls with the logit
+    methods' kd_weight > ce_weight, above 1, so weight moves from KD to CE without shrinking the step
+    (the paper's loss would shrink, as a lower learning rate would). Computed in float64."""
+    a = alpha.detach().double()
+    sums = torch.stack([alpha_weights(a, ce_weight, kd_weight).sum(), a.new_tensor(len(a) * (ce_weight + kd_weight))])
+    total, base = distributed.all_sum(sums)
+    return torch.where(total > 0, base / total.clamp_min(1e-300), torch.ones_like(total))
 
 
 def gather_output(out: ModelOutput, sizes: list[int]) -> ModelOutput:

@@ -81,9 +81,9 @@ def distill(params: dict, paths: SimpleNamespace, create_model: Callable) -> dic
     if router is not None:
         parts |= router.teacher_parts()
     distiller.cache, clean_cache = teacher_caches(params, paths, teacher, device, len(data.train), parts)
-    train = make_loader(data, "train", device, cfg.batch_size, crop_padding=cfg.crop_padding, hflip=cfg.hflip,
-                        seed=seed)
-    val = make_loader(data, "val", device, cfg.eval_batch_size)
+    train = make_loader(data, "train", device, cfg.batch_size, workers=params["data"].workers,
+                        crop_padding=cfg.crop_padding, hflip=cfg.hflip, seed=seed)
+    val = make_loader(data, "val", device, cfg.eval_batch_size, workers=params["data"].workers)
     # SAKD's difficulty pass batches like training (measured 1.4x faster than batch 1024 on 2 CPU cores),
     # over the training loader's tensors: no second copy of the training set on the device
     selector = build_selector(cfg.sampling, params["sakd"], distiller, train.view(cfg.batch_size),

@@ -32,13 +32,13 @@ def train_teacher(params: dict, paths: SimpleNamespace, create_model: Callable) 
     cfg = params["teacher"]
     data = load_prepared(paths.data, splits=("val",) if cfg.checkpoint else ("train", "val"))
     model = build_model(create_model, cfg.model, len(data.classes), data.input_shape[0])
-    val = make_loader(data, "val", device, cfg.eval_batch_size)
+    val = make_loader(data, "val", device, cfg.eval_batch_size, workers=params["data"].workers)
     model.to(device, memory_format=torch.channels_last)
     history, point, teach, resumed = [], None, None, None
     if not cfg.checkpoint:
         point, resumed = resume_point(paths.resume, "train_teacher", params, ("base", "teacher"), [paths.data])
-        train = make_loader(data, "train", device, cfg.batch_size, crop_padding=cfg.crop_padding, hflip=cfg.hflip,
-                            seed=params["base"].seed)
+        train = make_loader(data, "train", device, cfg.batch_size, workers=params["data"].workers,
+                            crop_padding=cfg.crop_padding, hflip=cfg.hflip, seed=params["base"].seed)
         teach = functools.partial(fit, Distiller(model, label_smoothing=cfg.label_smoothing), train, val,
                                   FullData(len(train)), cfg, resume=resumed, precision=params["base"].precision)
     if not distributed.is_main():

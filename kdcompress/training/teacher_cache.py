@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdcompress.common.tracking import file_sha, project_root
-from kdcompress.data.prepared import load_meta
-from kdcompress.io import atomic_write
+from kdcompress.common.tracking import project_root
+from kdcompress.data.prepared import load_meta, train_sha
+from kdcompress.io import atomic_write, file_sha
 from kdcompress.training.ort_teacher import OrtTeacher
 from kdcompress.types import ModelOutput, UserError
 
@@ -65,17 +65,19 @@ def max_cache_bytes() -> int:
     return int(gb * 1e9)
 
 
-def cache_key(*, teacher: str, model_code: str, data: str, normalisation: dict, seed: int | None,
+def cache_key(*, teacher: str, model_code: str, data: str, normalisation: dict, geometry: dict, seed: int | None,
               augmentation: dict | None, runtime: str, versions: dict, device: str, precision: str,
               int8: dict | None) -> str:
     """The key of the teacher's outputs on one view of the training split, from everything that can
     change them: ``teacher``, the checkpoint's sha; ``model_code``, see ``model_code``; ``data``, the
-    sha of the prepared training split (its images, so their size); ``normalisation``, its channel
-    mean and std; ``seed`` and ``augmentation`` (crop padding, flip) of the images, None for the
-    un-augmented ones; ``runtime`` (torch, onnxruntime) and the ``versions`` that make its kernels
-    (and graph: ``runtime_versions``); ``device``, the hardware they run on; ``precision``, that of the
-    forward (fp32, the torch runtime's autocast dtype, int8); ``int8``, the calibration settings of an
-    int8 teacher, else None. Nothing else may change the outputs, so nothing else is a field."""
+    sha of the prepared training split (its images, or its index of files and their content hashes);
+    ``normalisation``, its channel mean and std; ``geometry``, how files or stored pixels become inputs
+    (size, evaluation crop, training transform); ``seed`` and ``augmentation`` (crop padding, flip) of
+    the images, None for the un-augmented ones; ``runtime`` (torch, onnxruntime) and the ``versions``
+    that make its kernels (and graph: ``runtime_versions``); ``device``, the hardware they run on;
+    ``precision``, that of the forward (fp32, the torch runtime's autocast dtype, int8); ``int8``, the
+    calibration settings of an int8 teacher, else None. Nothing else may change the outputs, so nothing
+    else is a field."""
     fields = dict(locals())  # exactly the named fields above
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -131,11 +133,11 @@ def for_run(teacher_file: str | Path, data_dir: str | Path, teacher: nn.Module, 
     calibration settings of its int8 pass teacher). Says in one line how many epochs it already holds."""
     runtime = teacher_runtime(teacher)
     precision = "int8" if int8 is not None else autocast if runtime == "torch" else "fp32"
-    augmented = crop_padding > 0 or hflip
     meta = load_meta(data_dir)
+    augmented = crop_padding > 0 or hflip or meta.get("geometry", {}).get("train_transform") == "random_resized_crop"
     key = cache_key(teacher=file_sha(teacher_file), model_code=model_code(teacher),
-                    data=file_sha(Path(data_dir) / "train.pt"),
-                    normalisation={"mean": meta["mean"], "std": meta["std"]}, seed=seed if augmented else None,
+                    data=train_sha(data_dir), normalisation={"mean": meta["mean"], "std": meta["std"]},
+                    geometry=meta.get("geometry", {}), seed=seed if augmented else None,
                     augmentation={"crop_padding": crop_padding, "hflip": hflip} if augmented else None,
                     runtime=runtime, versions=runtime_versions(teacher), device=device_name(device),
                     precision=precision, int8=int8)

@@ -5,6 +5,11 @@ from __future__ import annotations
 import torch
 
 
+def subset_size(ratio: float, num_samples: int) -> int:
+    """``round(ratio * N)`` samples, at least one and at most all: the size of a subset selector's picks."""
+    return max(1, min(num_samples, round(ratio * num_samples)))
+
+
 class SampleSelector:
     """``select(epoch)`` -> indices of the training samples for this epoch;
     ``weights(index)`` -> per-sample KD weight ``alpha`` [B] for those dataset indices, or None

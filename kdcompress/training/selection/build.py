@@ -10,10 +10,11 @@ from kdcompress.data.loader import BatchLoader
 from kdcompress.training.ort_teacher import OrtTeacher
 from kdcompress.training.selection.base import SampleSelector
 from kdcompress.training.selection.full import FullData
+from kdcompress.training.selection.random_subset import RandomSubset
 from kdcompress.training.selection.sakd import SAKDSelector
 from kdcompress.types import UserError
 
-SAMPLINGS = ("full", "sakd")
+SAMPLINGS = ("full", "sakd", "random")
 
 
 def int8_calibration(sakd: SAKDConfig, quant: QuantizeConfig, seed: int) -> dict | None:
@@ -43,17 +44,21 @@ def pass_teacher(sakd: SAKDConfig, teacher: nn.Module | None, loader: BatchLoade
 def build_selector(sampling: str, sakd: SAKDConfig, distiller: nn.Module, loader: BatchLoader, epochs: int,
                    seed: int = 0, temperature: float | None = None, clean_cache=None,
                    quant: QuantizeConfig = QuantizeConfig()) -> SampleSelector:
-    """``full``: every sample, fixed weights. ``sakd``: SAKDSelector over the training split held by
+    """``full``: every sample, fixed weights. ``random``: a seeded ``sakd.ratio`` subset redrawn every
+    ``sakd.interval`` epochs, fixed weights. ``sakd``: SAKDSelector over the training split held by
     ``loader`` (its batch size is the difficulty pass's; it is iterated un-augmented), with the
     difficulty pass on ``pass_teacher()``. The KD temperature of l_i defaults to the distillation
     loss's own ``temperature`` (its initial value when the method schedules it), else 4.
-    ``clean_cache``: see ``SAKDSelector``; ``quant``: the int8 pass teacher's calibration."""
+    ``clean_cache``: see ``SAKDSelector`` (with it, the interrupted passes are cached beside it too);
+    ``quant``: the int8 pass teacher's calibration."""
     if sampling == "full":
         return FullData(len(loader))
+    if sampling == "random":
+        return RandomSubset(len(loader), sakd.ratio, sakd.interval, seed)
     if sampling == "sakd":
         if temperature is None:
             temperature = float(getattr(distiller.loss, "temperature", 4.0))
         return SAKDSelector(sakd, distiller, loader, epochs=epochs, temperature=temperature, seed=seed,
                             pass_teacher=pass_teacher(sakd, distiller.teacher, loader, seed, quant),
-                            clean_cache=clean_cache)
+                            clean_cache=clean_cache, cache_interrupted=True)
     raise UserError(f"distill.sampling: {sampling!r} is not allowed; allowed: {', '.join(SAMPLINGS)}")

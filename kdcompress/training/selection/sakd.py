@@ -14,7 +14,8 @@ Every ``interval`` epochs (0-based epochs ``n`` with ``n % interval == 0``) one 
    (``sample_keys``, counter-based): any number of processes, any batch size, a resumed run, all
    interrupt every sample the same way.
 3. ``l_i = T^2 KL(p_t || p_s)`` on the interrupted input; ``p_i ∝ (omega_i + eps)^-1``;
-   ``s_i = p_i l_i``; ``s_hat`` = min-max normalised ``s``.
+   ``s_i = p_i l_i``; ``s_hat`` = min-max normalised ``s`` (``normalise: rank``, our variant: its
+   rank over N - 1, whose mean stays 0.5 however skewed the losses are).
 4. Diversity features: the teacher's pooled embedding ``F`` of the interrupted image; first round
    ``f = F``, later ``f = 0.1 f + 0.9 F`` (dropout regime) or unchanged (shuffle regime). The stored
    ``f`` is the fused, un-normalised feature; the DPP gets its L2-normalised rows.
@@ -25,15 +26,22 @@ Every ``interval`` epochs (0-based epochs ``n`` with ``n % interval == 0``) one 
 7. ``omega += 1`` for the selected samples.
 
 Between rounds ``select`` returns the same subset; ``weights(index)`` returns ``alpha[index]``, which
-the Distiller uses as ``2 [(1 - alpha_i) w_ce CE_i + alpha_i w_kd KD_i]`` with the method's weights.
+the Distiller uses as ``2 [(1 - alpha_i) w_ce CE_i + alpha_i w_kd KD_i]`` with the method's weights
+(``loss_scale: constant``, our variant: rescaled per batch so the weights total the base method's).
+
+With a cache of the clean pass (``clean_cache``) and ``cache_interrupted``, the teacher's outputs on
+the interrupted images are cached too (``interrupted_cache``): they depend only on what the clean
+cache's key holds and on ``interruption_view``, so a second run of a sweep runs no teacher in any
+pass (the student's forward stays live: it changes from run to run).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -42,12 +50,11 @@ from kdcompress.common import distributed
 from kdcompress.config import SAKDConfig
 from kdcompress.data.loader import BatchLoader
 from kdcompress.methods.kd import kl_per_sample
-from kdcompress.training.selection.base import SampleSelector
+from kdcompress.training.distiller import alpha_weights
+from kdcompress.training.selection.base import SampleSelector, subset_size
 from kdcompress.training.selection.dpp import greedy_dpp
+from kdcompress.training.teacher_cache import TeacherCache
 from kdcompress.types import UserError
-
-if TYPE_CHECKING:
-    from kdcompress.training.teacher_cache import TeacherCache
 
 FEATURE_MOMENTUM = 0.1  # weight of the old fused feature in the dropout regime (the paper's step 4)
 Interruption = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (normalised batch, dataset indices) -> batch
@@ -121,6 +128,34 @@ def spatial_shuffle(x: torch.Tensor, patch_size: int, keys: torch.Tensor) -> tor
     return out
 
 
+def normalise(s: torch.Tensor, how: str = "minmax") -> torch.Tensor:
+    """``s_hat`` in [0, 1] (float32) of the scores ``s`` [N]. ``minmax``: the paper's
+    ``(s - min) / (max - min)``, whose mean collapses towards 0 when a few scores lie far above the
+    rest; ``rank``: each score's rank over ``N - 1`` (tied scores share their mean rank), whose mean
+    is 0.5 whatever the distribution."""
+    if how == "minmax":
+        return ((s - s.min()) / (s.max() - s.min() + 1e-12)).float()
+    if how != "rank":
+        raise ValueError(f"normalise: {how!r}; allowed: minmax, rank")
+    _, inverse, counts = torch.unique(s, sorted=True, return_inverse=True, return_counts=True)
+    first = (counts.cumsum(0) - counts).double()  # the rank of each distinct score's first occurrence
+    ranks = first + (counts.double() - 1) / 2
+    return (ranks[inverse] / max(len(s) - 1, 1)).float()
+
+
+def interrupted_cache(clean: TeacherCache, view: dict) -> TeacherCache:
+    """The cache of the pass teacher's outputs on the interrupted images, beside ``clean`` (same
+    teacher, data, runtime, device and precision: those are in its key) under a key that adds ``view``,
+    what the interruptions depend on besides the round's epoch (``SAKDSelector.interruption_view``).
+    One entry per round, under the round's epoch."""
+    blob = json.dumps({"clean": clean.folder.name, "interruption": view}, sort_keys=True).encode()
+    key = hashlib.sha256(blob).hexdigest()[:16]
+    cache = TeacherCache(clean.root, key, clean.num_samples, frozenset(clean.parts), clean.max_bytes)
+    print(f"teacher cache {key} (interrupted images of {clean.folder.name}): {cache.cached_epochs()} rounds "
+          f"stored in {clean.root}")
+    return cache
+
+
 def _quantiles(x: torch.Tensor, prefix: str) -> dict[str, float]:
     q = torch.quantile(x.double().cpu(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
     return {f"{prefix}_mean": x.double().mean().item(), f"{prefix}_p10": q[0].item(),
@@ -137,28 +172,34 @@ class SAKDSelector(SampleSelector):
     ``batch_size``: of the difficulty pass (default: the loader's). ``pass_teacher``: who runs the
     pass (default: the distiller's teacher, on a CPU the onnxruntime one; the int8 twin of that
     halves the pass's teacher time). ``clean_cache``: a ``TeacherCache`` for the pass's teacher
-    outputs on clean images (the first round's, where nothing is interrupted). The rate in the alpha
+    outputs on clean images (the first round's, where nothing is interrupted); ``cache_interrupted``:
+    those on the interrupted images are cached beside it (``interrupted_cache``). The rate in the alpha
     update is ``cfg.alpha_rate`` (the paper's step 5). ``dpp_block``: speed knob of the DPP.
     ``seed``: of the interruptions (with the round's epoch and the sample's index, see ``sample_keys``).
+    ``cfg.loss_scale`` is handed to the distiller (its ``alpha_scale``).
     """
 
     def __init__(self, cfg: SAKDConfig, distiller: nn.Module, loader: BatchLoader, epochs: int,
                  temperature: float = 4.0, seed: int = 0, *, batch_size: int | None = None,
                  num_classes: int | None = None, dpp_block: int = 512,
-                 pass_teacher: nn.Module | None = None, clean_cache: TeacherCache | None = None):
+                 pass_teacher: nn.Module | None = None, clean_cache: TeacherCache | None = None,
+                 cache_interrupted: bool = False):
         if getattr(distiller, "teacher", None) is None:
             raise UserError("distill.sampling: sakd needs a teacher, the distiller has none (method 'ce'?)")
         self.cfg = cfg
         self.distiller = distiller
         self.pass_teacher = pass_teacher if pass_teacher is not None else distiller.teacher
         self.clean_cache = clean_cache
+        self.cache_interrupted = cache_interrupted
+        self._interrupted: tuple[dict, TeacherCache] | None = None  # (its view, the interrupted images' cache)
+        distiller.alpha_scale = cfg.loss_scale
         self.epochs = int(epochs)
         self.temperature = float(temperature)
         self.alpha_rate = cfg.alpha_rate
         self.dpp_block = dpp_block
         if batch_size is not None and batch_size != loader.batch_size:
             loader = loader.view(batch_size)
-        h, w = loader.images.shape[-2:]
+        h, w = loader.image_shape[-2:]
         if cfg.shuffle == "patch" and (h // cfg.patch_size) * (w // cfg.patch_size) < 2:
             largest = max(p for p in range(1, max(h, w) + 1) if (h // p) * (w // p) >= 2)
             raise UserError(f"sakd.patch_size: {cfg.patch_size} leaves a single patch on {h}x{w} images, so the "
@@ -167,7 +208,7 @@ class SAKDSelector(SampleSelector):
         self.device = loader.device
         self.num_samples = len(loader)
         self.num_classes = int(num_classes) if num_classes is not None else int(loader.labels.max().item()) + 1
-        self.k = max(1, min(self.num_samples, round(cfg.ratio * self.num_samples)))
+        self.k = subset_size(cfg.ratio, self.num_samples)
         self.seed = int(seed)
         n = self.num_samples
         self.omega = torch.zeros(n, dtype=torch.long, device=self.device)
@@ -199,17 +240,38 @@ class SAKDSelector(SampleSelector):
         patch = 1 if self.cfg.shuffle == "pixel" else self.cfg.patch_size
         return "shuffle", lambda x, idx: spatial_shuffle(x, patch, sample_keys(self.seed, epoch, idx))
 
+    def interruption_view(self) -> dict:
+        """What the interrupted image of a sample depends on besides its clean image and the round's
+        epoch: the beta schedule (N_epoch, theta, eta), the shuffle and its patch, the masks' seed."""
+        cfg = self.cfg
+        return {"epochs": self.epochs, "theta": cfg.theta, "eta": cfg.eta, "shuffle": cfg.shuffle,
+                "patch_size": cfg.patch_size if cfg.shuffle == "patch" else 1, "seed": self.seed}
+
+    def pass_cache(self, clean: bool) -> TeacherCache | None:
+        """The cache of this pass's teacher outputs: ``clean_cache`` for clean images; for interrupted
+        ones, with ``cache_interrupted``, the one of ``interruption_view`` (made again when it changes:
+        a restored state's seed); else None."""
+        if clean:
+            return self.clean_cache
+        if self.clean_cache is None or not self.cache_interrupted:
+            return None
+        view = self.interruption_view()
+        if self._interrupted is None or self._interrupted[0] != view:
+            self._interrupted = (view, interrupted_cache(self.clean_cache, view))
+        return self._interrupted[1]
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def difficulty_pass(self, transform: Interruption, clean: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def difficulty_pass(self, transform: Interruption, clean: bool = False,
+                        epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample ``l_i`` [N] and teacher embeddings [N, D] on un-augmented inputs interrupted by
-        ``transform`` (see ``interruption``; ``clean``: it changes nothing, so it is skipped and the
-        teacher's outputs may come from the cache)."""
-        cache = self.clean_cache if clean else None
+        ``transform`` (see ``interruption``; ``clean``: it changes nothing, so it is skipped), the
+        teacher's outputs from ``pass_cache`` where it holds them (``epoch``: the round's)."""
+        cache = self.pass_cache(clean)
         if cache is not None:
-            cache.begin_epoch(0)
+            cache.begin_epoch(0 if clean else epoch)
         student, teacher = self.distiller.student, self.pass_teacher
         was_training = student.training
         teacher_was_training = teacher.training
@@ -261,14 +323,14 @@ class SAKDSelector(SampleSelector):
         beta_raw, beta = beta_schedule(epoch, self.epochs, cfg.theta, cfg.eta)
         regime, transform = self.interruption(epoch, beta_raw, beta)
 
-        h, w = self.loader.images.shape[-2:]
+        h, w = self.loader.image_shape[-2:]
         clean = regime == "dropout" and math.floor(beta * h * w) == 0
-        loss, feat = self.difficulty_pass(transform, clean)
+        loss, feat = self.difficulty_pass(transform, clean, epoch)
         loss, feat = loss.to(self.device), feat.to(self.device)
         inv = 1.0 / (self.omega.double() + cfg.eps)
         p = inv / inv.sum()
         s = p * loss.double()
-        s_hat = ((s - s.min()) / (s.max() - s.min() + 1e-12)).float()
+        s_hat = normalise(s, cfg.normalise)
         if self.features is None:
             self.features = feat
         elif regime == "dropout":
@@ -310,11 +372,19 @@ class SAKDSelector(SampleSelector):
             "kd_interrupted_mean": loss.double().mean().item(),
             **_quantiles(self.alpha, "alpha"), **_quantiles(s_hat, "s_hat"),
             "alpha_selected_mean": self.alpha[selection].double().mean().item(),
+            "weight_scale_selected": self.weight_scale(selection),
             **{f"class_{c}": int(v) for c, v in enumerate(hist)},
             "difficulty_seconds": t1 - t0, **self.split, "dpp_seconds": t2 - t1,
             "round_seconds": time.perf_counter() - t0,
         }
         self.history.append(record)
+
+    def weight_scale(self, selection: torch.Tensor) -> float:
+        """The mean per-sample weight total of the paper's loss on ``selection``, relative to the base
+        method's: 1 at alpha = 0.5, what ``loss_scale: constant`` divides out."""
+        w_ce, w_kd = self.distiller.ce_weight, self.distiller.kd_weight
+        paper = alpha_weights(self.alpha[selection].double(), w_ce, w_kd).mean().item()
+        return paper / (w_ce + w_kd) if w_ce + w_kd > 0 else 1.0
 
     # -- resume ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
