@@ -53,6 +53,7 @@ from kdcompress.io import write_json
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_SECONDS = 0.2  # how often the process tree's memory is sampled
 PHOTO_PARAMS = {"data.train_transform": "random_resized_crop"}  # the photos' training transform (-S to change)
+RUN_KEYS = ("data.dataset", "data.root", "data.image_size", "data.storage")  # params shown in the table's rows
 MIB = 2 ** 20
 
 
@@ -304,14 +305,18 @@ def save(args, results: dict, key: str, record: dict) -> None:
 
 
 def table(results: dict) -> str:
-    """The measurements as markdown: part 1 (prepare + epoch per folder and storage), then part 2."""
+    """The measurements as markdown: where and when, part 1 (prepare + epoch per folder and storage), part 2."""
     m = results["measurements"]
-    hosts = sorted({r["host"] for r in m.values()})
-    dates = sorted({r["date"] for r in m.values()})
     params = sorted({", ".join(f"{k}: {v}" for k, v in r["params"].items() if k not in RUN_KEYS)
                      for r in m.values() if "params" in r})
-    lines = [f"Host: {'; '.join(hosts)}. Dates: {', '.join(dates)}. Params: {'; '.join(params) or '-'}.",
-             "", "| folder | px | storage | train/val/test | prepare s | prepare peak RSS / PSS MiB | prepared MiB "
+    head = (f"Host: {'; '.join(sorted({r['host'] for r in m.values()}))}. "
+            f"Dates: {', '.join(sorted({r['date'] for r in m.values()}))}. Params: {'; '.join(params) or '-'}.")
+    return "\n".join([head, "", *storage_rows(m), *throughput_rows(m)])
+
+
+def storage_rows(m: dict) -> list[str]:
+    """Part 1: one row per prepared folder, size and storage, with its epoch when measured."""
+    lines = ["| folder | px | storage | train/val/test | prepare s | prepare peak RSS / PSS MiB | prepared MiB "
              "| epoch steps | epoch s | epoch img/s | epoch peak RSS / PSS MiB |", "|" + " --- |" * 11]
     for key, p in m.items():
         if not key.startswith("prepare/"):
@@ -323,22 +328,28 @@ def table(results: dict) -> str:
                  f"{e['peak_pss_mib']:.0f}") if e else "- | - | - | -"
         lines.append(f"| {folder} | {size} | {storage} | {sizes} | {p['seconds']} | {p['peak_rss_mib']:.0f} / "
                      f"{p['peak_pss_mib']:.0f} | {p['disk_mib']} | {epoch} |")
-    for part, what in (("step", "distillation step"), ("loader", "loader alone")):
-        for key, r in m.items():
-            if key.startswith(part + "/"):
-                models = f", {r['teacher']} -> {r['student']}" if part == "step" else ""
-                lines += ["", f"{what}, {key.split('/', 1)[1]} px{models}: {r['batches']} batches of {r['batch_size']}"
-                          f" x {r['rounds']} rounds, {r['threads']} threads, {r['device']}", "",
-                          "| loader | images/s (median) | / memory | rounds |", "| --- | --- | --- | --- |"]
-                lines += [f"| {name} | {c['images_per_s']} | {c.get('over_memory', '-')} | "
-                          f"{', '.join(map(str, c['rounds']))} |" for name, c in r["configs"].items()]
-    return "\n".join(lines)
+    return lines
+
+
+def throughput_rows(m: dict) -> list[str]:
+    """Part 2: a table per measurement, one row per loader."""
+    lines = []
+    for key, r in m.items():
+        part, _, where = key.partition("/")
+        if part not in ("step", "loader"):
+            continue
+        what = f"distillation step, {r['teacher']} -> {r['student']}" if part == "step" else "loader alone"
+        lines += ["", f"{what}, {where} px: {r['batches']} batches of {r['batch_size']} x {r['rounds']} rounds, "
+                  f"{r['threads']} threads, {r['device']}", "",
+                  "| loader | images/s (median) | / memory | rounds |", "| --- | --- | --- | --- |"]
+        lines += [f"| {name} | {c['images_per_s']} | {c.get('over_memory', '-')} | "
+                  f"{', '.join(map(str, c['rounds']))} |" for name, c in r["configs"].items()]
+    return lines
 
 
 # --- command line -------------------------------------------------------------------------------
 
 PARTS = ("prepare", "epoch", "step", "loader")
-RUN_KEYS = ("data.dataset", "data.root", "data.image_size", "data.storage")  # in the table's rows already
 
 
 

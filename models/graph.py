@@ -50,17 +50,9 @@ class SplitNet(Classifier):
     def __init__(self, label: str, net: nn.Module, stage_names: list[str], in_channels: int, families: str,
                  leaf_modules=(), autowrap_functions=()):
         nn.Module.__init__(self)
-        from torchvision.models.feature_extraction import create_feature_extractor
-
         self.stage_names = stage_names
         self._label, self._families = label, families
-        kwargs = {"leaf_modules": leaf_modules, "autowrap_functions": autowrap_functions}
-        try:
-            nodes = {n: f"stage{i + 1}" for i, n in enumerate(stage_names)} | {node_names(net, **kwargs)[-1]: LOGITS}
-            graph = create_feature_extractor(net.train(), return_nodes=nodes,
-                                             tracer_kwargs=tracer_kwargs(net, **kwargs), suppress_diff_warning=True)
-        except Exception as err:  # noqa: BLE001 - torch.fx fails in many ways on code it cannot trace
-            raise self._unsupported(f"torch.fx cannot trace it ({(str(err).splitlines() or [type(err).__name__])[0][:200]})") from None
+        graph = self._trace(net, {"leaf_modules": leaf_modules, "autowrap_functions": autowrap_functions})
         for child_name, child in graph.named_children():  # the model's own parameter names, no prefix
             self.add_module(child_name, child)
         missing = sorted(set(net.state_dict()) - set(self.state_dict()))
@@ -70,6 +62,19 @@ class SplitNet(Classifier):
         object.__setattr__(self, "segments", {mode: self._segments(graph, mode) for mode in (True, False)})
         self._check(graph, in_channels)
         self.train()
+
+    def _trace(self, net: nn.Module, kwargs: dict) -> fx.GraphModule:
+        """``net`` traced in both modes, returning the stage outputs and the logits."""
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        try:
+            nodes = {n: f"stage{i + 1}" for i, n in enumerate(self.stage_names)}
+            nodes[node_names(net, **kwargs)[-1]] = LOGITS
+            return create_feature_extractor(net.train(), return_nodes=nodes, tracer_kwargs=tracer_kwargs(net, **kwargs),
+                                            suppress_diff_warning=True)
+        except Exception as err:  # noqa: BLE001 - torch.fx fails in many ways on code it cannot trace
+            first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+            raise self._unsupported(f"torch.fx cannot trace it ({first})") from None
 
     def _unsupported(self, why: str) -> ValueError:
         return ValueError(f"{self._label}: {why}, which stage-wise runs need; allowed: {self._families}")

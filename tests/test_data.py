@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from conftest import make_split
 
-from kdcompress.data.loader import BatchLoader
+from kdcompress.data.loader import BatchLoader, make_loader
 from kdcompress.data.prepared import Prepared, channel_stats, load_prepared, save_prepared, split_train_val
+from kdcompress.data.transforms import Geometry
 
 
 def test_split_is_seeded_disjoint_and_complete():
@@ -87,3 +90,40 @@ def test_view_shares_the_tensors():
     view = loader.view(5)
     assert view.images.data_ptr() == loader.images.data_ptr() and view.labels.data_ptr() == loader.labels.data_ptr()
     assert view.batch_size == 5 and view.crop_padding == 0 and not view.hflip and view.num_batches() == 4
+
+
+def test_random_resized_crop_in_memory():
+    s = make_split(20, channels=3)
+    whole = Geometry(train_transform="random_resized_crop", crop_scale=1.0, crop_ratio=1.0)
+    loader = BatchLoader(s, [0.5] * 3, [0.25] * 3, batch_size=8, hflip=True, geometry=whole)
+    flips = loader.augmentation(0)[1]
+    assert flips.any() and not flips.all()
+    for (x, _, idx), (plain, _, _) in zip(loader.batches(augment=True), loader.batches()):  # the whole image
+        assert torch.allclose(x, torch.where(flips[idx, None, None, None], plain.flip(3), plain), atol=1e-5)
+
+    crops = BatchLoader(s, [0.5] * 3, [0.25] * 3, batch_size=8, seed=2,
+                        geometry=Geometry(train_transform="random_resized_crop", crop_scale=0.2))
+
+    def epoch(e, indices=None):
+        return {int(i): x for xs, _, idx in crops.batches(indices, shuffle=True, augment=True, epoch=e)
+                for i, x in zip(idx, xs)}
+
+    a, again, other = epoch(0), epoch(0), epoch(1)
+    assert all(torch.equal(a[i], again[i]) for i in a) and a[0].shape == (3, 8, 8)
+    assert any(not torch.allclose(a[i], other[i]) for i in a)
+    plain = {int(i): x for xs, _, idx in crops.batches() for i, x in zip(idx, xs)}
+    assert any(not torch.allclose(a[i], plain[i]) for i in a)
+    subset = epoch(0, torch.tensor([2, 5, 17]))  # a sample is cropped the same way inside any subset
+    assert all(torch.equal(subset[i], a[i]) for i in subset)
+
+
+def test_make_loader_holds_a_memory_split_with_the_data_geometry():
+    s = make_split(10, channels=3)
+    geometry = Geometry(train_transform="random_resized_crop")
+    data = Prepared(s, s, s, ["a", "b", "c", "d"], [0.5] * 3, [0.25] * 3, geometry=geometry)
+    loader = make_loader(data, "val", "cpu", 4, workers=2, crop_padding=1, hflip=True, seed=3)
+    assert isinstance(loader, BatchLoader) and loader.geometry == geometry and loader.image_shape == (3, 8, 8)
+    assert (loader.batch_size, loader.crop_padding, loader.hflip, loader.seed) == (4, 1, True, 3)
+    assert loader.view(5).geometry == geometry and loader.view(5).image_shape == (3, 8, 8)
+    older = SimpleNamespace(train=s, mean=[0.5] * 3, std=[0.25] * 3)  # prepared data without a geometry
+    assert make_loader(older, "train", "cpu", 4).geometry == Geometry()

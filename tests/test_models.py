@@ -26,6 +26,10 @@ def test_width_argument_sets_the_stage_widths(name, channels):
     ("bignet:3", "unknown model 'bignet:3'; allowed:"),
     ("tv:resnet19", "tv:resnet19: not a torchvision classification model; allowed: tv:<name>"),
     ("tv", "tv:: not a torchvision classification model"),
+    ("timm:resnet19", r"timm:resnet19: not a timm model; allowed: timm:<name> .* e\.g\. .*resnet10t"),
+    ("timm", "timm:: not a timm model"),
+    ("timm:vit_tiny_patch16_224", "timm:vit_tiny_patch16_224: no global_pool before its classifier, which stage-wise "
+                                  "runs need; allowed: CNNs"),
 ])
 def test_bad_width_argument_is_one_clear_error(name, message):
     with pytest.raises(ValueError, match=message):
@@ -99,3 +103,144 @@ def test_torchvision_student_exports_and_distils_with_a_feature_method():
     got = ort_predict(to_onnx(student, [1, 32, 32], 18, {}).SerializeToString(), [x.numpy()])
     with torch.no_grad():
         assert abs(got - student(x).numpy()).max() < 1e-4
+
+
+# ---------------------------------------------------------------- timm models (timm:<name>)
+
+def close(actual, expected):
+    """Equal up to float error relative to the expected values' magnitude (fresh timm nets have tiny logits)."""
+    scale = expected.detach().abs().max().item()
+    assert scale > 0
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5 * scale)
+
+
+def timm_pair(name: str, channels: int = 1):
+    """A timm: model and the unsplit timm model with the same weights (a strict load: timm's own names)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = create_model(f"timm:{name}", 10, channels)
+    reference = timm.create_model(name, pretrained=False, num_classes=10, in_chans=channels)
+    reference.load_state_dict(model.state_dict())
+    assert sorted(model.state_dict()) == sorted(reference.state_dict())
+    return model, reference
+
+
+TIMM = [pytest.param("resnet10t", ["layer1", "layer2", "layer3", "layer4"]),
+        pytest.param("mobilenetv3_small_050", ["blocks.0", "blocks.1", "blocks.3", "blocks.5"]),  # pool, conv_head
+        pytest.param("efficientnet_b0", ["blocks.1", "blocks.2", "blocks.4", "bn2"], marks=pytest.mark.slow),
+        pytest.param("ghostnet_050", ["blocks.1", "blocks.3", "blocks.5", "blocks.9"], marks=pytest.mark.slow),
+        pytest.param("fastvit_t8", ["stages.0", "stages.1", "stages.2", "final_conv"], marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("name, stages", TIMM)
+def test_timm_model_keeps_the_extract_contract_and_computes_what_timm_does(name, stages):
+    model, reference = timm_pair(name)
+    model.eval(), reference.eval()
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        out, expected = model.extract(x), reference(x)
+        close(out.logits, expected)
+        assert model.stage_names == stages and list(out.features) == ["stage1", "stage2", "stage3", "stage4"]
+        sizes = [f.shape[-1] for f in out.features.values()]
+        assert sizes == [16, 8, 4, 2]  # one stage per reduction, 4x to 32x
+        # the last stage is the map timm's head pools; the embedding its global average pool
+        close(out.features["stage4"], reference.forward_features(x))
+        close(out.embedding, out.features["stage4"].mean(dim=(2, 3)))
+        # run() continues from any boundary
+        hidden = model.run(x, None, "stage4")
+        close(model.run(hidden, "stage4", "logits"), expected)
+        close(model.run(out.features["stage1"], "stage1", "stage3"), out.features["stage3"])
+        close(model.run(out.embedding, "embedding", "logits"), expected)
+
+
+def test_timm_model_trains_like_timm_and_its_segments_share_its_tensors():
+    """Train mode (batch statistics, running-stat updates) follows timm's; after a cast and a
+    state_dict load, every segment reads the model's current tensors."""
+    model, reference = timm_pair("mobilenetv3_small_050")
+    x = torch.randn(4, 1, 64, 64)
+    close(model.train()(x), reference.train()(x))
+    for ours, theirs in zip(model.state_dict().values(), [reference.state_dict()[k] for k in model.state_dict()]):
+        torch.testing.assert_close(ours, theirs)  # running statistics updated alike
+    model.double(), reference.double()
+    with torch.no_grad():
+        reference.classifier.weight.mul_(3.0)
+        model.load_state_dict(reference.state_dict())
+        close(model.eval()(x.double()), reference.eval()(x.double()))
+
+
+@pytest.mark.parametrize("name", [pytest.param("mobilenetv3_small_050"),
+                                  *(pytest.param(n, marks=pytest.mark.slow)
+                                    for n in ("resnet10t", "efficientnet_b0", "ghostnet_050", "fastvit_t8"))])
+def test_timm_model_exports_to_onnx_that_matches_pytorch(name):
+    from kdcompress.common.onnx import ort_predict, to_onnx
+
+    model, _ = timm_pair(name)
+    x = torch.randn(3, 1, 64, 64)
+    got = ort_predict(to_onnx(model, [1, 64, 64], 18, {}).SerializeToString(), [x.numpy()])
+    with torch.no_grad():
+        close(torch.from_numpy(got), model.eval()(x))
+
+
+def test_timm_student_distils_from_our_teacher_with_a_feature_method():
+    from kdcompress.methods import build_loss
+    from kdcompress.training.distiller import Distiller
+
+    student, reference = timm_pair("resnet10t")
+    teacher = create_model("resnet20", 10, 1).eval()
+    x, y = torch.randn(8, 1, 32, 32), torch.randint(0, 10, (8,))
+    distiller = Distiller(student, teacher, build_loss("fitnet", {"spots": "stage2,stage3"}))
+    distiller.setup(x)
+    out = distiller(x, y)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(p.grad is not None and torch.isfinite(p.grad).all()
+                                            for p in student.parameters())
+    before = student.eval()(x).detach()
+    torch.optim.SGD(distiller.trainable_parameters(), lr=0.1).step()
+    with torch.no_grad():  # the step reached the segments: the student computes what timm does with its new weights
+        reference.load_state_dict(student.state_dict())
+        after = student(x)
+        assert not torch.allclose(after, before)
+        close(after, reference.eval()(x))
+
+
+# ---------------------------------------------------------------- the shared split (models.graph)
+
+class TwoStageNet(torch.nn.Module):
+    """Two strided stages ``a`` and ``b``, then a head: 1x1 convolution, global pool, classifier. ``relu_first``
+    puts a ReLU between the convolution and the pool; ``skip`` lets the head read stage ``a`` too."""
+
+    def __init__(self, relu_first: bool = False, skip: bool = False):
+        super().__init__()
+        nn = torch.nn
+        self.a, self.b = nn.Conv2d(1, 4, 3, 2, 1), nn.Sequential(nn.Conv2d(4, 8, 3, 2, 1), nn.ReLU())
+        self.conv, self.pool, self.fc = nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Linear(8, 3)
+        self.relu_first, self.skip = relu_first, skip
+
+    def forward(self, x):
+        a = self.a(x)
+        h = self.conv(self.b(a))
+        if self.skip:
+            h = h + a.mean(dim=1, keepdim=True)[:, :, ::4, ::4]
+        return self.fc(torch.flatten(self.pool(torch.relu(h) if self.relu_first else h), 1))
+
+
+@pytest.mark.parametrize("kind, message", [
+    ({}, None),
+    ({"relu_first": True}, "test:net: its head is not a global average pool and a classifier, which "
+                            "stage-wise runs need; allowed: chains"),
+    ({"skip": True}, "test:net: the part ending at logits reads more than the boundary before it"),
+])
+def test_split_net_checks_that_the_stages_chain_and_the_head_pools_first(kind, message):
+    from models.graph import SplitNet
+
+    torch.manual_seed(0)
+    net = TwoStageNet(**kind)
+    if message is not None:
+        with pytest.raises(ValueError, match=message):
+            SplitNet("test:net", net, ["a", "b"], 1, "chains")
+        return
+    model, x = SplitNet("test:net", net, ["a", "b"], 1, "chains").eval(), torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert model.boundaries() == ["stage1", "stage2", "embedding", "logits"]
+        close(model(x), net.eval()(x))

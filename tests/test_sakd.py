@@ -9,9 +9,11 @@ import pytest
 import torch
 from conftest import FakeNet
 
+from kdcompress.common import distributed
 from kdcompress.config import SAKDConfig, TrainConfig
 from kdcompress.methods.kd import KD, kl_per_sample
-from kdcompress.training.distiller import Distiller
+from kdcompress.runtime import seed_everything
+from kdcompress.training.distiller import Distiller, alpha_weights, constant_scale
 from kdcompress.training.loop import fit
 from kdcompress.training.selection import FullData
 from kdcompress.training.selection.build import build_selector
@@ -19,11 +21,13 @@ from kdcompress.training.selection.sakd import (
     SAKDSelector,
     _mix32,
     beta_schedule,
+    normalise,
     position_noise,
     sample_keys,
     spatial_dropout,
     spatial_shuffle,
 )
+from kdcompress.training.teacher_cache import TeacherCache
 from kdcompress.types import UserError
 
 
@@ -176,7 +180,7 @@ def test_later_rounds_follow_the_update_rules(tiny_loaders, monkeypatch):
     passes = [(torch.rand(n, generator=g) + 0.1, torch.randn(n, 3, generator=g)) for _ in range(3)]
     calls = []
     monkeypatch.setattr(sel, "difficulty_pass",
-                        lambda transform, clean: calls.append(transform) or passes[len(calls) - 1])
+                        lambda transform, clean, epoch: calls.append(transform) or passes[len(calls) - 1])
 
     sel.select(0)
     alpha0 = sel.alpha.clone()
@@ -205,7 +209,7 @@ def test_alpha_rate_choices(tiny_loaders, monkeypatch, rate):
     n = len(train)
     g = torch.Generator().manual_seed(5)
     passes = [(torch.rand(n, generator=g) + 0.1, torch.randn(n, 3, generator=g)) for _ in range(2)]
-    monkeypatch.setattr(sel, "difficulty_pass", lambda transform, clean: passes.pop(0))
+    monkeypatch.setattr(sel, "difficulty_pass", lambda transform, clean, epoch: passes.pop(0))
     sel.select(0)
     alpha0 = sel.alpha.clone()
     sel.select(1)  # beta_raw = 1 - 0.75^0.9 = 0.228 > eta = 0.2: beta = 0.2
@@ -274,3 +278,192 @@ def test_build_selector(tiny_loaders):
         build_selector("some", SAKDConfig(), distiller, train, epochs=3)
     with pytest.raises(UserError, match="teacher"):
         build_selector("sakd", SAKDConfig(), Distiller(FakeNet()), train, epochs=3)
+
+
+# ---------------------------------------------------------------- normalise: minmax | rank
+
+
+def test_normalise_minmax_is_the_papers_and_rank_shares_ties():
+    s = torch.tensor([3.0, 1.0, 1.0, 10.0, 2.0], dtype=torch.float64)
+    assert torch.equal(normalise(s), ((s - s.min()) / (s.max() - s.min() + 1e-12)).float())
+    assert normalise(s, "rank").tolist() == [0.75, 0.125, 0.125, 1.0, 0.5]  # ranks 3, 0.5, 0.5, 4, 2 over 4
+    assert normalise(torch.tensor([7.0]), "rank").tolist() == [0.0]
+    with pytest.raises(ValueError, match="allowed: minmax, rank"):
+        normalise(s, "zscore")
+
+
+def skewed_rounds(loader, normalise_how: str, rate: str, rounds: int = 3) -> list[dict]:
+    """The rounds of a selector whose difficulty passes all see one heavy-tailed (log-normal, sigma 2)
+    loss vector."""
+    n = len(loader)
+    g = torch.Generator().manual_seed(0)
+    loss = torch.exp(2.0 * torch.randn(n, generator=g))
+    sel = make_selector(loader, epochs=4, normalise=normalise_how, alpha_rate=rate, momentum=0.1)
+    sel.difficulty_pass = lambda transform, clean, epoch: (loss.clone(), torch.randn(n, 3, generator=g))
+    for epoch in range(rounds):
+        sel.select(epoch)
+    return sel.history
+
+
+def test_rank_keeps_mean_alpha_at_its_nominal_value_where_minmax_collapses_it(tiny_loaders):
+    train, _ = tiny_loaders
+    minmax, rank = (skewed_rounds(train, how, "one") for how in ("minmax", "rank"))
+    assert [r["alpha_mean"] for r in rank] == pytest.approx([0.5] * 3, abs=1e-6)  # the base method's alpha
+    assert all(r["alpha_mean"] < 0.03 for r in minmax)  # 0.022: a few large losses squash the rest to ~0
+    assert all(r["alpha_mean"] < 0.03 for r in skewed_rounds(train, "minmax", "beta_raw"))
+    # with the paper's rate, rank's mean follows the beta_raw factor: 0.1 * previous + 0.9 * beta_raw * 0.5
+    paper_rate = skewed_rounds(train, "rank", "beta_raw")
+    expected = 0.5
+    for r in paper_rate[1:]:
+        expected = 0.1 * expected + 0.9 * r["beta_raw"] * 0.5
+        assert r["alpha_mean"] == pytest.approx(expected, abs=1e-6)
+    assert paper_rate[1]["alpha_mean"] == pytest.approx(0.1526, abs=1e-4)
+
+
+# ---------------------------------------------------------------- loss_scale: paper | constant
+
+
+class CrossEntropyAsKD(KD):
+    """A "distillation" term equal to the CE term: the weighted loss is then (total weight) x CE_i."""
+
+    def forward(self, student_out, teacher_out, target):
+        return torch.nn.functional.cross_entropy(student_out.logits, target, reduction="none")
+
+
+def step(alpha, scale: str, loss=None):
+    """The loss and the student's gradients of one step on a fixed batch (fresh seeded models)."""
+    torch.manual_seed(0)
+    d = Distiller(FakeNet(), FakeNet(width=8), loss if loss is not None else KD(4.0), ce_weight=0.1, kd_weight=0.9)
+    d.alpha_scale = scale
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+    out = d(x, y, alpha)
+    out.loss.backward()
+    return out.loss.detach(), [p.grad.clone() for p in d.student.parameters()]
+
+
+def test_constant_scale_reproduces_the_base_loss_at_alpha_half():
+    base_loss, base_grads = step(None, "paper")
+    for scale in ("paper", "constant"):
+        loss, grads = step(torch.full((16,), 0.5), scale)
+        assert torch.equal(loss, base_loss) and all(torch.equal(a, b) for a, b in zip(grads, base_grads)), scale
+    assert constant_scale(torch.full((16,), 0.5), 0.1, 0.9).item() == 1.0
+
+
+def test_constant_scale_keeps_the_gradient_scale_when_alpha_falls():
+    """With KD_i = CE_i the weighted loss is the total weight times CE: at alpha = 0.12 the paper's loss
+    and gradients shrink to 2 (0.88 x 0.1 + 0.12 x 0.9) = 0.392 of the base method's; constant keeps them."""
+    kd_is_ce = CrossEntropyAsKD()
+    base_loss, base_grads = step(None, "paper", kd_is_ce)
+    low = torch.full((16,), 0.12)
+    paper_loss, paper_grads = step(low, "paper", kd_is_ce)
+    constant_loss, constant_grads = step(low, "constant", kd_is_ce)
+    torch.testing.assert_close(paper_loss, 0.392 * base_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(constant_loss, base_loss, rtol=1e-6, atol=0)
+    for base, paper, constant in zip(base_grads, paper_grads, constant_grads):
+        torch.testing.assert_close(paper, 0.392 * base, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(constant, base, rtol=1e-5, atol=1e-7)
+
+
+def test_constant_scale_makes_any_batchs_weights_total_the_base_methods():
+    alpha = 0.5 * torch.rand(16, generator=torch.Generator().manual_seed(2))  # mean below 0.5
+    c = constant_scale(alpha, 0.1, 0.9)
+    assert c.dtype == torch.float64 and c.item() > 1  # less weight on KD, which weighs 0.9
+    assert (c * alpha_weights(alpha.double(), 0.1, 0.9).sum()).item() == pytest.approx(16 * 1.0, rel=1e-12)
+    assert constant_scale(torch.rand(8), 1.0, 1.0).item() == pytest.approx(1.0, rel=1e-12)  # feature recipes: 2 always
+    assert constant_scale(torch.ones(4), 0.0, 0.0).item() == 1.0  # no weights at all: nothing to rescale
+    paper_loss, paper_grads = step(alpha, "paper")
+    constant_loss, constant_grads = step(alpha, "constant")
+    torch.testing.assert_close(constant_loss, c.float() * paper_loss, rtol=1e-6, atol=0)
+    for paper, constant in zip(paper_grads, constant_grads):
+        torch.testing.assert_close(constant, c.float() * paper, rtol=1e-5, atol=1e-7)
+
+
+def test_the_selector_hands_its_loss_scale_to_the_distiller_and_logs_the_papers(tiny_loaders):
+    train, _ = tiny_loaders
+    assert make_selector(train).distiller.alpha_scale == "paper"
+    sel = make_selector(train, loss_scale="constant")
+    assert sel.distiller.alpha_scale == "constant"
+    sel.select(0)
+    picked = sel.alpha[sel.selection]
+    assert sel.history[-1]["weight_scale_selected"] == pytest.approx(
+        1 / constant_scale(picked, 0.1, 0.9).item(), rel=1e-9)
+
+
+def scale_of_rank_share(alpha: torch.Tensor) -> torch.Tensor:
+    rank, world = distributed.world()
+    return constant_scale(alpha.tensor_split(world)[rank], 0.1, 0.9)
+
+
+@pytest.mark.slow
+def test_constant_scale_is_that_of_the_global_batch_on_every_rank(tmp_path):
+    from test_ranks import on_two_processes
+
+    alpha = torch.rand(15, generator=torch.Generator().manual_seed(3))
+    single = constant_scale(alpha, 0.1, 0.9)
+    shares = alpha.tensor_split(2)
+    assert constant_scale(shares[0], 0.1, 0.9).item() != pytest.approx(single.item(), rel=1e-3)  # a rank's own differs
+    assert [s.item() for s in on_two_processes(scale_of_rank_share, tmp_path, alpha)] == pytest.approx(
+        [single.item()] * 2, rel=1e-12)
+
+
+# ---------------------------------------------------------------- the interrupted passes, cached
+
+
+class CountingTeacher(FakeNet):
+    calls = 0
+
+    def extract(self, x):
+        CountingTeacher.calls += 1
+        return super().extract(x)
+
+
+def cached_run(loader, root, epochs=4, cache_interrupted=True, seed=0, **cfg):
+    """Four rounds (clean, dropout, dropout, shuffle) with the pass teacher's outputs cached in ``root``:
+    (teacher batches run, the selector)."""
+    seed_everything(0)
+    d = Distiller(FakeNet(), CountingTeacher(width=8), KD(4.0), ce_weight=0.1, kd_weight=0.9)
+    clean = TeacherCache(root, "clean", len(loader), frozenset({"logits", "embedding"}))
+    sel = SAKDSelector(SAKDConfig(**{"ratio": 0.5, "interval": 1, "patch_size": 4, **cfg}), d, loader, epochs=epochs,
+                       seed=seed, clean_cache=clean, cache_interrupted=cache_interrupted)
+    CountingTeacher.calls = 0
+    for epoch in range(4):
+        sel.select(epoch)
+    return CountingTeacher.calls, sel
+
+
+def test_a_second_identical_run_runs_no_teacher_in_its_passes(tiny_loaders, tmp_path):
+    train, _ = tiny_loaders
+    calls_a, a = cached_run(train, tmp_path)
+    calls_b, b = cached_run(train, tmp_path)
+    assert [h["regime"] for h in a.history] == ["dropout"] * 3 + ["shuffle"] and a.history[1]["beta"] > 0
+    assert calls_a == 4 * train.num_batches() and calls_b == 0
+    for x, y in ((a.selection, b.selection), (a.alpha, b.alpha), (a.features, b.features), (a.omega, b.omega)):
+        assert torch.equal(x, y)
+    assert [h["alpha_selected_mean"] for h in a.history] == [h["alpha_selected_mean"] for h in b.history]
+    calls_c, _ = cached_run(train, tmp_path, theta=2.0)  # other interruptions: only the clean round is cached
+    assert calls_c == 3 * train.num_batches()
+    calls_d, _ = cached_run(train, tmp_path / "other", cache_interrupted=False)
+    calls_e, _ = cached_run(train, tmp_path / "other", cache_interrupted=False)
+    assert calls_d == 4 * train.num_batches() and calls_e == 3 * train.num_batches()  # off: the clean pass only
+
+
+def test_the_interrupted_cache_key_holds_what_the_interruptions_depend_on(tiny_loaders, tmp_path):
+    train, _ = tiny_loaders
+
+    def key(epochs=4, seed=0, **cfg):
+        torch.manual_seed(0)
+        d = Distiller(FakeNet(), FakeNet(width=8), KD(4.0))
+        clean = TeacherCache(tmp_path, "clean", len(train), frozenset({"logits", "embedding"}))
+        sel = SAKDSelector(SAKDConfig(**{"patch_size": 4, **cfg}), d, train, epochs=epochs, seed=seed,
+                           clean_cache=clean, cache_interrupted=True)
+        assert sel.pass_cache(True) is clean
+        return sel.pass_cache(False).folder.name
+
+    base = key()
+    changed = [key(epochs=5), key(seed=1), key(theta=2.0), key(eta=0.3), key(shuffle="pixel"), key(patch_size=2)]
+    assert len({base, *changed}) == 1 + len(changed)
+    same = [key(gamma=0.9), key(sigma=0.5), key(ratio=0.25), key(interval=2), key(momentum=0.5), key(eps=2.0),
+            key(alpha_rate="one"), key(loss_scale="constant"), key(normalise="rank")]
+    assert set(same) == {base}  # the selection's own settings do not change the images: one cache for the sweep
+    assert key(shuffle="pixel", patch_size=2) == key(shuffle="pixel")  # a pixel shuffle has no patch

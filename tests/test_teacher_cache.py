@@ -20,6 +20,7 @@ import torch
 from conftest import ROOT, FakeNet
 
 from kdcompress.config import BaseConfig, DistillConfig, QuantizeConfig, SAKDConfig, TrainConfig
+from kdcompress.data.transforms import Geometry
 from kdcompress.methods import build_loss
 from kdcompress.runtime import seed_everything
 from kdcompress.training.distiller import Distiller
@@ -177,8 +178,9 @@ def run_files(tmp_path, monkeypatch):
     return tmp_path
 
 
-def write_meta(folder: Path, mean: list[float]) -> None:
-    meta = {"classes": ["a", "b"], "mean": mean, "std": [0.25], "input_shape": [1, 8, 8], "source": "test"}
+def write_meta(folder: Path, mean: list[float], **geometry) -> None:
+    meta = {"classes": ["a", "b"], "mean": mean, "std": [0.25], "input_shape": [1, 8, 8], "source": "test",
+            "geometry": {**Geometry().as_dict(), **geometry}}
     (folder / "data" / "meta.json").write_text(json.dumps(meta))
 
 
@@ -193,6 +195,9 @@ CHANGES = {  # one input of the teacher's outputs each: (files, monkeypatch) -> 
     "teacher code": lambda d, m: {"teacher": OtherNet()},
     "data bytes": lambda d, m: (d / "data" / "train.pt").write_bytes(b"other images") and {},
     "normalisation": lambda d, m: write_meta(d, mean=[0.4]) or {},
+    "evaluation crop": lambda d, m: write_meta(d, mean=[0.5], crop_fraction=0.875) or {},
+    "training transform": lambda d, m: write_meta(d, mean=[0.5], train_transform="random_resized_crop") or {},
+    "crop scale": lambda d, m: write_meta(d, mean=[0.5], crop_scale=0.5) or {},
     "seed": lambda d, m: {"seed": 1},
     "crop padding": lambda d, m: {"crop_padding": 2},
     "flip": lambda d, m: {"hflip": False},
@@ -234,8 +239,8 @@ def test_the_seed_of_un_augmented_images_is_not_in_the_key(run_files):
 
 def test_the_key_has_no_other_fields():
     base = {"teacher": "t", "model_code": "c", "data": "d", "normalisation": {"mean": [0.5], "std": [0.25]},
-            "seed": 0, "augmentation": {"crop_padding": 1, "hflip": True}, "runtime": "torch",
-            "versions": {"torch": "2"}, "device": "cpu AVX2", "precision": "fp32", "int8": None}
+            "geometry": Geometry().as_dict(), "seed": 0, "augmentation": {"crop_padding": 1, "hflip": True},
+            "runtime": "torch", "versions": {"torch": "2"}, "device": "cpu AVX2", "precision": "fp32", "int8": None}
     assert len({cache_key(**{**base, name: "other"}) for name in base} | {cache_key(**base)}) == len(base) + 1
     with pytest.raises(TypeError):
         cache_key(**base, student="resnet20")

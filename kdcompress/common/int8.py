@@ -1,27 +1,52 @@
 """int8: static QDQ quantization with onnxruntime.quantization, calibrated on a seeded sample of
-training images, and the accuracy gate that decides whether an int8 model may ship.
+training images, in a configuration the .onnx file itself carries (which ops are quantized, which nodes
+stay fp32, how the weights are quantized).
 
 Measured on this project's CPU, int8 halves a ResNet-20's batch-1 latency and slows a 24k-parameter
 CNN (the quantize/dequantize nodes cost more than the int8 kernels save), so int8 is never assumed:
-the gate checks accuracy here, the benchmark stage measures speed, and the ship stage decides.
+the gate checks accuracy, the quantize stage's search (kdcompress.deploy.int8_search) and the benchmark
+stage measure speed, and the ship stage decides.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from kdcompress.common.onnx import INPUT_NAME, save_onnx, set_metadata
 
 CALIBRATIONS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                 "percentile": CalibrationMethod.Percentile}
+ALL_OP_TYPES = frozenset(QLinearOpsRegistry) | frozenset(QDQRegistry)  # what quantize_static quantizes by default
+
+
+@dataclass(frozen=True)
+class Int8Config:
+    """One static QDQ configuration, all of it carried by the written file (no session option): the op
+    types quantized (None: every one onnxruntime's quantizer knows, ``ALL_OP_TYPES``), the nodes left in
+    fp32, per-channel weight scales, and ``reduce_range`` (7-bit weights, which cannot overflow the u8s8
+    kernels of x86 CPUs without VNNI). The default is the project's single configuration."""
+
+    name: str = "all"
+    op_types: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    per_channel: bool = True
+    reduce_range: bool = False
+
+    def describe(self) -> dict:
+        """The configuration as JSON-ready figures (excluded nodes counted, not named)."""
+        return {"name": self.name, "op_types": "all" if self.op_types is None else list(self.op_types),
+                "fp32_nodes": len(self.exclude), "per_channel": self.per_channel, "reduce_range": self.reduce_range}
 
 
 def int8_path(fp32_path: str | Path) -> Path:
@@ -46,21 +71,45 @@ def calibration_batches(loader, samples: int, seed: int) -> Iterator[np.ndarray]
     return (x.cpu().numpy() for x, _, _ in loader.batches(pick))
 
 
+class Quantizer:
+    """One fp32 model, pre-processed (``quant_pre_process``: shape inference and fusions) and calibrated
+    once, written as int8 in any number of ``Int8Config``s. The calibration ranges of every tensor any
+    configuration may quantize are cached in ``workdir``, so each further configuration costs one
+    quantizer pass and no calibration (``calibration`` is read once). ``graph``: the pre-processed model,
+    whose node names an ``Int8Config.exclude`` refers to."""
+
+    def __init__(self, fp32_path: str | Path, calibration: Iterable[np.ndarray], method: str, workdir: Path):
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.prepared, self._cache = workdir / "prepared.onnx", workdir / "calibration.json"
+        quant_pre_process(str(fp32_path), str(self.prepared))
+        self.graph = onnx.load(str(self.prepared))
+        self._calibration, self.method = calibration, method
+        self._metadata = {p.key: p.value for p in onnx.load(str(fp32_path), load_external_data=False).metadata_props}
+
+    def write(self, config: Int8Config, out_path: str | Path) -> Path:
+        """The int8 QDQ model of ``config`` at ``out_path`` (uint8 activations, int8 weights), with the
+        fp32 model's metadata plus ``kdcompress.precision``, the calibration method and the configuration."""
+        if not self._cache.is_file() and config.op_types is not None:
+            self.write(Int8Config(), out_path)  # calibrate every quantizable tensor first, for any later config
+        reader = None if self._cache.is_file() else _Batches(self._calibration)
+        with tempfile.TemporaryDirectory(prefix="kdcompress-quant-") as tmp:
+            quantized = Path(tmp) / "int8.onnx"
+            quantize_static(self.prepared, quantized, reader, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(config.op_types or ()), nodes_to_exclude=list(config.exclude),
+                            per_channel=config.per_channel, reduce_range=config.reduce_range,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CALIBRATIONS[self.method], calibration_cache_path=self._cache)
+            model = onnx.load(str(quantized))
+        set_metadata(model, {**self._metadata, "kdcompress.precision": "int8", "kdcompress.calibration": self.method,
+                             "kdcompress.int8_config": json.dumps(config.describe())})
+        onnx.checker.check_model(model, full_check=True)
+        return save_onnx(model, out_path)
+
+
 def quantize(fp32_path: str | Path, out_path: str | Path, calibration: Iterable[np.ndarray], method: str,
              per_channel: bool = True) -> Path:
-    """Write a static int8 QDQ model of ``fp32_path`` (uint8 activations, int8 weights, per-channel
-    weights if asked) calibrated on the normalised float batches ``calibration``; the fp32 model's
-    metadata is kept, plus ``kdcompress.precision`` and the calibration method."""
+    """Write the project's single static int8 QDQ configuration of ``fp32_path`` (every op type onnxruntime
+    quantizes, per-channel weights if asked) calibrated on the normalised float batches ``calibration``."""
     with tempfile.TemporaryDirectory(prefix="kdcompress-quant-") as tmp:
-        prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
-        quant_pre_process(str(fp32_path), str(prepared))  # shape inference + fusions before calibration
-        quantize_static(prepared, quantized, _Batches(calibration), quant_format=QuantFormat.QDQ,
-                        per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CALIBRATIONS[method])
-        model = onnx.load(str(quantized))
-    metadata = {p.key: p.value for p in onnx.load(str(fp32_path), load_external_data=False).metadata_props}
-    set_metadata(model, {**metadata, "kdcompress.precision": "int8", "kdcompress.calibration": method})
-    onnx.checker.check_model(model, full_check=True)
-    return save_onnx(model, out_path)
-
-
+        return Quantizer(fp32_path, calibration, method, Path(tmp)).write(Int8Config(per_channel=per_channel),
+                                                                          out_path)

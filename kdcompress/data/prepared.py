@@ -134,7 +134,10 @@ def load_meta(data_dir: str | Path) -> dict:
 def load_prepared(data_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> Prepared:
     """The prepared splits named in ``splits`` (the others empty), in the storage prepare chose."""
     meta = load_meta(data_dir)
-    geometry = Geometry(**meta.get("geometry", {}))
+    try:
+        geometry = Geometry(**meta.get("geometry", {}))
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{Path(data_dir) / 'meta.json'}: corrupt geometry ({err}); rerun the prepare stage") from None
     if meta.get("storage") == "stream":
         from kdcompress.data.folder import read_index
 

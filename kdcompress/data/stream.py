@@ -11,6 +11,7 @@ evaluated on exactly the pixels ``predict.py`` feeds the exported model.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -94,6 +95,24 @@ class _Plan(torch.utils.data.Sampler):
         return self.batches
 
 
+def _tasks(b: torch.Tensor, draws: tuple[torch.Tensor, ...] | None) -> list[tuple[int, tuple | None]]:
+    """The DataLoader tasks of batch ``b``: (sample index, that sample's draw as plain Python or None)."""
+    if draws is None:
+        return [(i, None) for i in b.tolist()]
+    return list(zip(b.tolist(), zip(*(d[b].tolist() for d in draws))))
+
+
+def _stop(decoded: Iterator[torch.Tensor]) -> None:
+    """Stop the workers of a DataLoader iterator (torch's own shutdown; a no-op without workers)."""
+    getattr(decoded, "_shutdown_workers", lambda: None)()
+
+
+def _shutdown(loader: torch.utils.data.DataLoader) -> None:
+    """Stop a DataLoader's persistent workers, if it started them."""
+    if getattr(loader, "_iterator", None) is not None:
+        _stop(loader._iterator)
+
+
 class StreamLoader:
     """Batches of (x, y, index) decoded from the files of ``split`` by ``workers`` DataLoader worker
     processes (0: in the main process), with the interface and semantics of ``BatchLoader``.
@@ -124,7 +143,7 @@ class StreamLoader:
         self.geometry = geometry
         self.channels = channels
         self.workers = workers
-        self._persistent: tuple[torch.utils.data.DataLoader, _Plan] | None = None
+        self._persistent: tuple[torch.utils.data.DataLoader, _Plan, weakref.finalize] | None = None
         self._busy = False  # a pass of the persistent DataLoader is in progress
 
     def __len__(self) -> int:
@@ -152,20 +171,38 @@ class StreamLoader:
         same global batches in every rank). A file that no longer decodes raises UserError naming it."""
         draws = self.augmentation(epoch) if augment else None
         parts = list(epoch_batches(len(self), indices, self.batch_size, shuffle, self.seed, epoch, shard, "cpu"))
-        tasks = (self._tasks(b, draws) for b in parts if len(b))
-        loader, release = self._dataloader(tasks)
+        loader, plan, persistent = self._dataloader()
+        plan.batches = (_tasks(b, draws) for b in parts if len(b))
+        decoded = None
         try:
             decoded = iter(loader)
             for b in parts:
-                x = self._next(decoded) if len(b) else torch.empty(0, *self.image_shape, dtype=torch.uint8)
+                x = next(decoded) if len(b) else torch.empty(0, *self.image_shape, dtype=torch.uint8)
                 x = x.to(self.device, non_blocking=True).float().div_(255.0)
                 if transform is not None:
                     x = transform(x)
                 x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
                 b = b.to(self.device)
                 yield x, self.labels[b], b
+        except DecodeFailed as e:
+            if persistent:
+                self.close()  # now, see close()
+            else:
+                _stop(decoded)
+            raise UserError(_one_line(e)) from None
         finally:
-            release()
+            plan.batches = iter(())
+            if persistent:
+                self._busy = False
+
+    def close(self) -> None:
+        """Stop the worker processes now; a later pass starts new ones. They also stop when the loader
+        is collected, or at exit: not left to the DataLoader iterator's own ``__del__``, which, when the
+        garbage collector takes it in a reference cycle (a traceback's), can run after its queues were
+        finalised and then waits 5 s for every worker before killing it."""
+        if self._persistent is not None:
+            self._persistent[2]()
+            self._persistent = None
 
     def augmentation(self, epoch: int) -> tuple[torch.Tensor, ...]:
         """Per-sample draws of every sample of the split in ``epoch`` (CPU): (dy, dx, flip) for
@@ -175,32 +212,17 @@ class StreamLoader:
             return resized_crop_draws(self.seed, epoch, len(self), g.crop_scale, g.crop_ratio, self.hflip)
         return pad_crop_draws(self.seed, epoch, len(self), self.crop_padding, self.hflip)
 
-    @staticmethod
-    def _tasks(b: torch.Tensor, draws: tuple[torch.Tensor, ...] | None) -> list[tuple[int, tuple | None]]:
-        """The DataLoader tasks of batch ``b``: (sample index, that sample's draw as plain Python or None)."""
-        if draws is None:
-            return [(i, None) for i in b.tolist()]
-        return list(zip(b.tolist(), zip(*(d[b].tolist() for d in draws))))
-
-    @staticmethod
-    def _next(decoded: Iterator[torch.Tensor]) -> torch.Tensor:
-        try:
-            return next(decoded)
-        except DecodeFailed as e:
-            raise UserError(_one_line(e)) from None
-
-    def _dataloader(self, tasks: Iterator[list]) -> tuple[torch.utils.data.DataLoader, Callable[[], None]]:
-        """A DataLoader serving ``tasks`` and the call that ends its use: the loader's persistent one (its
-        workers live across epochs), or, while that one is busy with another pass, a one-off."""
+    def _dataloader(self) -> tuple[torch.utils.data.DataLoader, _Plan, bool]:
+        """A DataLoader for one pass, its plan, and whether it is the loader's persistent one (its
+        workers live across epochs) rather than a one-off (no workers, or the persistent one is busy
+        with a pass not finished yet)."""
         if self._busy or self.workers == 0:
-            loader, plan = self._new_dataloader(persistent=False)
-            plan.batches = tasks
-            return loader, lambda: None
+            return *self._new_dataloader(persistent=False), False
         if self._persistent is None:
-            self._persistent = self._new_dataloader(persistent=True)
-        loader, plan = self._persistent
-        plan.batches, self._busy = tasks, True
-        return loader, lambda: setattr(self, "_busy", False)
+            loader, plan = self._new_dataloader(persistent=True)
+            self._persistent = loader, plan, weakref.finalize(self, _shutdown, loader)
+        self._busy = True
+        return *self._persistent[:2], True
 
     def _new_dataloader(self, persistent: bool) -> tuple[torch.utils.data.DataLoader, _Plan]:
         plan, cuda = _Plan(), self.device.type == "cuda"
