@@ -48,7 +48,16 @@ import yaml
 
 from benchmarks._runs import write_params
 from benchmarks.photo_folder import positive
+from kdcompress.config import load_params
+from kdcompress.data.loader import make_loader
+from kdcompress.data.prepared import load_prepared
 from kdcompress.io import write_json
+from kdcompress.methods import build_loss
+from kdcompress.runtime import resolve_device, seed_everything
+from kdcompress.training.distiller import Distiller
+from kdcompress.training.loop import fit
+from kdcompress.training.selection import FullData
+from models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_SECONDS = 0.2  # how often the process tree's memory is sampled
@@ -162,15 +171,6 @@ def train_epoch(params_path: str, data_dir: str, steps: int, batch_size: int, mo
     """fit() for one epoch of at most ``steps`` batches of ``model_name`` over the prepared data in
     ``data_dir``, with the loaders the distill stage makes (data.workers) and the distill section's other
     hyper-parameters (constant LR); returns what it did."""
-    from kdcompress.config import load_params
-    from kdcompress.data.loader import make_loader
-    from kdcompress.data.prepared import load_prepared
-    from kdcompress.runtime import resolve_device, seed_everything
-    from kdcompress.training.distiller import Distiller
-    from kdcompress.training.loop import fit
-    from kdcompress.training.selection import FullData
-    from models import create_model
-
     params = load_params(params_path)
     base, workers = params["base"], params["data"].workers
     seed_everything(base.seed, base.num_threads)
@@ -180,14 +180,15 @@ def train_epoch(params_path: str, data_dir: str, steps: int, batch_size: int, mo
     train = make_loader(data, "train", device, batch_size, workers=workers, crop_padding=cfg.crop_padding,
                         hflip=cfg.hflip, seed=base.seed)
     val = make_loader(data, "val", device, cfg.eval_batch_size, workers=workers)
-    model = create_model(model_name, len(data.classes), data.input_shape[0]).to(device,
-                                                                                memory_format=torch.channels_last)
+    model = create_model(model_name, len(data.classes), data.input_shape[0])
+    model = model.to(device, memory_format=torch.channels_last)
     samples = min(len(train), steps * batch_size)
     result = fit(Distiller(model), train, val, FullData(samples), cfg, precision=base.precision)
     seconds = result.history[-1]["epoch_seconds"]
-    return {"model": model_name, "workers": workers, "batch_size": batch_size, "steps": train.num_batches(samples),
-            "samples": samples, "epoch_seconds": round(seconds, 2), "images_per_s": round(samples / seconds, 1),
-            "val_images": len(val), "threads": torch.get_num_threads(), "device": str(device)}
+    return {"model": model_name, "workers": workers if data.storage == "stream" else 0, "batch_size": batch_size,
+            "steps": train.num_batches(samples), "samples": samples, "epoch_seconds": round(seconds, 2),
+            "images_per_s": round(samples / seconds, 1), "val_images": len(val), "threads": torch.get_num_threads(),
+            "device": str(device)}
 
 
 # --- part 2: throughput in this process -------------------------------------------------------------
@@ -236,11 +237,6 @@ def throughput(args, results: dict) -> None:
     keys = {part: f"{part}/{folder.name}/{size}" for part in ("step", "loader") if part in args.parts}
     if all(k in results["measurements"] for k in keys.values()):
         return
-    from kdcompress.config import load_params
-    from kdcompress.data.loader import make_loader
-    from kdcompress.data.prepared import load_prepared
-    from kdcompress.runtime import resolve_device, seed_everything
-
     dirs = {storage: prepared(args, folder, size, storage, results) for storage in args.storages}
     params = load_params(next(iter(dirs.values())).parent / "params.yaml")
     seed_everything(params["base"].seed, params["base"].num_threads)
@@ -266,10 +262,6 @@ def throughput(args, results: dict) -> None:
 
 def distillation_step(args, num_classes: int, channels: int, device: torch.device) -> Callable:
     """``step(x, y)``: one KD step of --student from --teacher (random weights: only the time matters)."""
-    from kdcompress.methods import build_loss
-    from kdcompress.training.distiller import Distiller
-    from models import create_model
-
     def build(name: str) -> torch.nn.Module:
         return create_model(name, num_classes, channels).to(device, memory_format=torch.channels_last)
 

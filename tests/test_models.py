@@ -182,15 +182,24 @@ def test_timm_model_exports_to_onnx_that_matches_pytorch(name):
         close(torch.from_numpy(got), model.eval()(x))
 
 
-def test_timm_student_distils_from_our_teacher_with_a_feature_method():
+@pytest.mark.parametrize("spots", ["fixed", "adaptive"])
+def test_timm_student_distils_from_our_teacher_with_a_feature_method(spots):
+    """Fixed spots read the stage outputs; adaptive spots also graft the student's stages onto the
+    teacher's and back (``run`` across the two models)."""
+    from kdcompress.config import RoutingConfig
     from kdcompress.methods import build_loss
     from kdcompress.training.distiller import Distiller
+    from kdcompress.training.routing import SpotRouter
 
     student, reference = timm_pair("resnet10t")
     teacher = create_model("resnet20", 10, 1).eval()
     x, y = torch.randn(8, 1, 32, 32), torch.randint(0, 10, (8,))
-    distiller = Distiller(student, teacher, build_loss("fitnet", {"spots": "stage2,stage3"}))
+    loss = build_loss("fitnet", {"spots": "stage2,stage3"})
+    router = SpotRouter(loss, RoutingConfig(init="distil")) if spots == "adaptive" else None
+    distiller = Distiller(student, teacher, loss, router=router)
     distiller.setup(x)
+    distiller.train()
+    distiller.on_epoch_start(0, 1)
     out = distiller(x, y)
     out.loss.backward()
     assert torch.isfinite(out.loss) and all(p.grad is not None and torch.isfinite(p.grad).all()

@@ -9,7 +9,7 @@ import io
 
 import pytest
 import torch
-from conftest import FakeNet, write_params
+from conftest import TINY, FakeNet, write_params
 from test_student import paths, trained  # noqa: F401 - trained: the prepared project, its teacher trained
 
 from kdcompress.common import distributed
@@ -156,8 +156,9 @@ def test_only_ratio_and_interval_of_sakd_apply_to_random(project):
 @pytest.mark.slow
 @pytest.mark.usefixtures("trained")
 def test_a_real_distill_with_a_random_subset(project):
-    params = load_params(write_params(project, distill={"sampling": "random", "epochs": 3},
+    params = load_params(write_params(project, distill={**TINY["distill"], "sampling": "random", "epochs": 3},
                                       sakd={"ratio": 0.5, "interval": 2}))
+    assert params["distill"].student == "tinycnn"
     seed_everything(0, 1)
     summary = distill(params, paths(project), create_model)
     n_train = 96  # 120 training images, val_fraction 0.2

@@ -467,3 +467,63 @@ def test_the_interrupted_cache_key_holds_what_the_interruptions_depend_on(tiny_l
             key(alpha_rate="one"), key(loss_scale="constant"), key(normalise="rank")]
     assert set(same) == {base}  # the selection's own settings do not change the images: one cache for the sweep
     assert key(shuffle="pixel", patch_size=2) == key(shuffle="pixel")  # a pixel shuffle has no patch
+
+
+@pytest.fixture
+def trained(project, monkeypatch):
+    """test_student's: the tiny project prepared and its teacher trained (imported here when used: the
+    stage modules are slow to import)."""
+    from pipeline import prepare, train_teacher
+
+    monkeypatch.setenv("KDCOMPRESS_CACHE_DIR", str(project / "cache"))
+    assert prepare.main([]) == 0 and train_teacher.main([]) == 0
+    return project
+
+
+@pytest.mark.slow
+def test_a_second_identical_distill_runs_no_teacher_in_its_difficulty_passes(trained, monkeypatch, capsys):
+    """The real stage function twice, teacher cache on (onnxruntime teacher): rounds at epoch 0 (clean)
+    and 2 (dropout); the second run's passes take every teacher output from the cache."""
+    from conftest import TINY, write_params
+    from test_student import paths
+
+    from kdcompress.config import load_params
+    from kdcompress.training.ort_teacher import OrtTeacher
+    from kdcompress.training.student import distill
+    from models import create_model
+
+    in_pass, teacher_batches = [], []
+    real_pass, real_extract = SAKDSelector.difficulty_pass, OrtTeacher.extract
+
+    def counting_pass(self, *args):
+        in_pass.append(True)
+        try:
+            return real_pass(self, *args)
+        finally:
+            in_pass.pop()
+
+    def counting_extract(self, x):
+        if in_pass:
+            teacher_batches.append(len(x))
+        return real_extract(self, x)
+
+    monkeypatch.setattr(SAKDSelector, "difficulty_pass", counting_pass)
+    monkeypatch.setattr(OrtTeacher, "extract", counting_extract)
+    distill_cfg = {**TINY["distill"], "sampling": "sakd", "epochs": 4, "teacher_runtime": "onnxruntime"}
+    params = load_params(write_params(trained, distill=distill_cfg, sakd={"interval": 2, "patch_size": 4}))
+    runs = []
+    for _ in range(2):
+        teacher_batches.clear()
+        seed_everything(0, 1)
+        summary = distill(params, paths(trained), create_model)
+        rounds = (trained / "out" / "rounds.csv").read_text().splitlines()
+        runs.append((sum(teacher_batches), summary, rounds, capsys.readouterr().out))
+    (first_seen, first, first_rounds, first_log), (second_seen, second, second_rounds, second_log) = runs
+    assert first_seen == 2 * 96 and second_seen == 0  # 96 training images per pass
+    assert "(interrupted images of" in first_log and ": 0 rounds stored" in first_log
+    assert ": 1 rounds stored" in second_log
+    assert second["val_acc"] == first["val_acc"] and second["teacher_cache_hit_fraction"] == 1.0
+    header = first_rounds[0].split(",")
+    timing = [i for i, name in enumerate(header) if name.endswith("_seconds")]
+    assert [[v for i, v in enumerate(r.split(",")) if i not in timing] for r in first_rounds] == [
+        [v for i, v in enumerate(r.split(",")) if i not in timing] for r in second_rounds]

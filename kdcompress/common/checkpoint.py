@@ -82,7 +82,7 @@ def _check_fit(own: dict, state: dict, where: str) -> None:
     if wrong:
         k = wrong[0]
         raise UserError(f"{where}: shape mismatch for {k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)} "
-                        f"({len(wrong)} tensors differ; another architecture, classes or input channels?)")
+                        f"({len(wrong)} mis-shaped; another architecture, classes or input channels?)")
     if missing or unexpected:
         what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
         raise UserError(f"{where}: the file does not fit the model: {what} ({len(missing)} missing, "

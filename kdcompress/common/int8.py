@@ -71,6 +71,17 @@ def calibration_batches(loader, samples: int, seed: int) -> Iterator[np.ndarray]
     return (x.cpu().numpy() for x, _, _ in loader.batches(pick))
 
 
+def _name_nodes(model: onnx.ModelProto) -> None:
+    """Give every unnamed node (an exporter's inlined functions, HardSwish for one) a unique name, so
+    that a configuration can leave it in fp32 (``nodes_to_exclude`` goes by name)."""
+    taken = {n.name for n in model.graph.node}
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = next(name for k in range(len(taken) + 1)
+                             if (name := f"{node.op_type}_{index}" + (f"_{k}" if k else "")) not in taken)
+            taken.add(node.name)
+
+
 class Quantizer:
     """One fp32 model, pre-processed (``quant_pre_process``: shape inference and fusions) and calibrated
     once, written as int8 in any number of ``Int8Config``s. The calibration ranges of every tensor any
@@ -83,6 +94,8 @@ class Quantizer:
         self.prepared, self._cache = workdir / "prepared.onnx", workdir / "calibration.json"
         quant_pre_process(str(fp32_path), str(self.prepared))
         self.graph = onnx.load(str(self.prepared))
+        _name_nodes(self.graph)
+        onnx.save(self.graph, str(self.prepared))
         self._calibration, self.method = calibration, method
         self._metadata = {p.key: p.value for p in onnx.load(str(fp32_path), load_external_data=False).metadata_props}
 
