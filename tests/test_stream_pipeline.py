@@ -84,7 +84,7 @@ def test_memory_and_stream_storages_train_the_same_teacher(photos):
         args = stage_args(f"artifacts/{storage}", f"/{storage}")
         assert prepare.main(args["prepare"]) == 0 and train_teacher.main(args["teacher"]) == 0
         states[storage] = torch.load(photos / "artifacts" / storage / "teacher.pt", weights_only=True)["state_dict"]
-    assert load_prepared("artifacts/stream").storage == "stream" and load_prepared("artifacts/memory").storage == "memory"
+    assert [load_prepared(f"artifacts/{s}").storage for s in ("memory", "stream")] == ["memory", "stream"]
     for key, value in states["memory"].items():
         assert torch.equal(value, states["stream"][key]), key
 
