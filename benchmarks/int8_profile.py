@@ -28,7 +28,7 @@ import torch
 
 from kdcompress.common.int8 import Quantizer
 from kdcompress.common.onnx import INPUT_NAME, save_onnx, to_onnx
-from kdcompress.deploy.int8_search import candidates, time_models
+from kdcompress.deploy.int8_search import candidates, depthwise_convs, time_models, with_activations
 from kdcompress.deploy.profiling import count_macs, cpu_name
 from kdcompress.io import write_json
 from models import create_model
@@ -39,27 +39,47 @@ TOP = 5  # op types listed per model and precision
 PROFILE_MS = 500  # profiled runs: at least this many ms of fp32 model time
 
 
-def op_profile(path: Path, shape: list[int], runs: int, warmup: int = 5) -> dict[str, float]:
-    """Kernel ms per run of each op type of the optimised graph onnxruntime runs (the session options
-    of kdcompress.common.onnx.session: one thread, sequential, all graph optimisations): the median
-    over ``runs`` runs after ``warmup`` unrecorded ones, by op type, largest first. The profiler's own
-    cost per node inflates the figures of a tiny model: compare shares, not totals, with p50."""
+def op_profiles(paths: dict[str, Path], shape: list[int], runs: int, rounds: int, depthwise: set[str],
+                warmup: int = 5) -> dict:
+    """Kernel ms per run of each op type of the optimised graphs onnxruntime runs (the session options
+    of kdcompress.common.onnx.session: one thread, sequential, all graph optimisations), by label of
+    ``paths``: the median over ``rounds`` x ``runs`` runs, the models interleaved round by round, op types
+    largest first; the kernels of the ``depthwise`` convolutions apart (``depthwise``: the names of their
+    nodes and output tensors, which onnxruntime's fused nodes are named after). The profiler's own
+    cost per node inflates the figures of a tiny model: compare shares and ratios, not totals, with p50."""
+    x = np.random.default_rng(0).standard_normal((1, *shape), dtype=np.float32)
     with tempfile.TemporaryDirectory(prefix="kdcompress-profile-") as tmp:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.enable_profiling, opts.profile_file_prefix = True, f"{tmp}/profile"
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        x = np.random.default_rng(0).standard_normal((1, *shape), dtype=np.float32)
-        for _ in range(warmup + runs):
-            sess.run(None, {INPUT_NAME: x})
-        events = json.loads(Path(sess.end_profiling()).read_text())
+        sessions = {}
+        for label, path in paths.items():
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+            opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            opts.enable_profiling, opts.profile_file_prefix = True, f"{tmp}/{label}"
+            sessions[label] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        for sess in sessions.values():
+            for _ in range(warmup):
+                sess.run(None, {INPUT_NAME: x})
+        for _ in range(rounds):
+            for sess in sessions.values():
+                for _ in range(runs):
+                    sess.run(None, {INPUT_NAME: x})
+        return {label: _per_op(json.loads(Path(sess.end_profiling()).read_text()), warmup, depthwise)
+                for label, sess in sessions.items()}
+
+
+def _per_op(events: list[dict], warmup: int, depthwise: set[str]) -> dict[str, float]:
+    """Median ms per run of each op type's kernels, from one session's profile, the first ``warmup`` runs
+    left out; an optimised node named after a ``depthwise`` name counts as ``<op> (dw)``."""
     starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
     per_run = defaultdict(lambda: np.zeros(len(starts)))
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            per_run[e["args"]["op_name"]][bisect.bisect_right(starts, e["ts"]) - 1] += e["dur"] / 1e3
+            node = e["name"].removesuffix("_kernel_time")
+            op = e["args"]["op_name"]
+            if "Conv" in op and any(node == name or node.startswith(f"{name}_") for name in depthwise):
+                op += " (dw)"
+            per_run[op][bisect.bisect_right(starts, e["ts"]) - 1] += e["dur"] / 1e3
     ms = {op: float(np.median(times[warmup:])) for op, times in per_run.items()}
     return dict(sorted(ms.items(), key=lambda item: -item[1]))
 
@@ -80,9 +100,10 @@ def measure(spec: str, runs: int, rounds: int, folder: Path) -> dict:
     paths = {"fp32": fp32, **{c.name: quantizer.write(c, folder / f"{c.name}.onnx") for c in configs}}
     p50 = time_models(paths, shape, runs, rounds)
     best = min((c.name for c in configs), key=p50.get)
-    profiled = min(max(runs, int(PROFILE_MS / p50["fp32"])), 4000)  # enough runs for a stable median
-    ops = {label: op_profile(paths[key], shape, profiled) for label, key in (("fp32", "fp32"), ("naive", "all"),
-                                                                             ("best", best))}
+    profiled = min(max(runs, int(PROFILE_MS / p50["fp32"] / rounds)), 1000)  # enough runs for a stable median
+    dw = set(with_activations(quantizer.graph, depthwise_convs(quantizer.graph)))
+    ids = dw | {o for n in quantizer.graph.graph.node if n.name in dw for o in n.output}  # fused nodes take these
+    ops = op_profiles({"fp32": fp32, "naive": paths["all"], "best": paths[best]}, shape, profiled, rounds, ids)
     return {"model": spec, "macs": count_macs(model, shape), "p50_ms": p50, "best": best, "ops": ops}
 
 

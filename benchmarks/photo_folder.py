@@ -149,6 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--idx-dir", help="folder with the Fashion-MNIST IDX files (default: where prepare looks)")
     args = p.parse_args(argv)
     out = Path(args.out)
+    for name in ("train", "test"):
+        if getattr(args, name) < len(FASHION_CLASSES):
+            raise UserError(f"--{name} {getattr(args, name)}: fewer images than the {len(FASHION_CLASSES)} classes, "
+                            f"and an image folder needs images of every class in both splits; allowed: >= "
+                            f"{len(FASHION_CLASSES)}")
     if out.exists():
         raise UserError(f"{out}: already exists; allowed: a path that does not exist yet (remove it to regenerate)")
     idx_folder = find_idx(args.idx_dir)

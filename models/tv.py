@@ -16,7 +16,8 @@ outputs so that ``run`` goes from one boundary to the next as for our own nets:
   map changes nothing); checked against the unsplit model at construction.
 
 The parameter names are torchvision's own, so a torchvision ``state_dict`` whose classifier was
-replaced for your classes loads as ``teacher.checkpoint`` (README: Models).
+replaced for your classes loads as ``teacher.checkpoint`` (README: Models), and one for other
+classes starts a model as ``teacher.init`` or ``distill.student_init``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from models.graph import PROBE, SplitNet
 
 CONTAINERS = ("features", "trunk_output")  # Sequential of blocks whose outputs are stage candidates
 POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)  # the global pool before the classifier is no stage
+FAMILIES = "ResNet, MobileNet, EfficientNet, ShuffleNet, RegNet families"
 
 
 def _first_conv(net: nn.Module) -> tuple[nn.Module, str, nn.Conv2d]:
@@ -38,7 +40,7 @@ def _first_conv(net: nn.Module) -> tuple[nn.Module, str, nn.Conv2d]:
     raise ValueError("no convolution to adapt to the data's channels")
 
 
-def _stage_names(net: nn.Module, in_channels: int) -> list[str]:
+def _stage_names(net: nn.Module, in_channels: int, label: str) -> list[str]:
     candidates = []
     for name, child in net.named_children():
         if name in CONTAINERS and isinstance(child, nn.Sequential):
@@ -52,6 +54,9 @@ def _stage_names(net: nn.Module, in_channels: int) -> list[str]:
     try:
         with torch.no_grad():
             net.eval()(torch.zeros(1, in_channels, PROBE, PROBE))
+    except (RuntimeError, AssertionError) as err:  # e.g. a transformer that takes one image size only
+        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise ValueError(f"{label}: does not run on a {PROBE}-px image ({first}); allowed: {FAMILIES}") from None
     finally:
         for hook in hooks:
             hook.remove()
@@ -60,9 +65,6 @@ def _stage_names(net: nn.Module, in_channels: int) -> list[str]:
         last_at.pop(size, None)
         last_at[size] = name  # insertion order = the order the resolutions last appear
     return list(last_at.values())[-4:]
-
-
-FAMILIES = "ResNet, MobileNet, EfficientNet, ShuffleNet, RegNet families"
 
 
 class TorchvisionNet(SplitNet):
@@ -74,7 +76,8 @@ class TorchvisionNet(SplitNet):
         if conv.in_channels != in_channels:
             setattr(parent, attr, nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                                             conv.padding, conv.dilation, conv.groups, conv.bias is not None))
-        super().__init__(f"tv:{name}", net, _stage_names(net, in_channels), in_channels, FAMILIES)
+        label = f"tv:{name}"
+        super().__init__(label, net, _stage_names(net, in_channels, label), in_channels, FAMILIES)
 
 
 def torchvision_model(num_classes: int, in_channels: int, name: str = "") -> TorchvisionNet:

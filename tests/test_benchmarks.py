@@ -169,7 +169,7 @@ def test_photo_folder_writes_varied_rgb_jpegs_in_the_image_folder_layout_the_sam
     from kdcompress.data.sources import FASHION_CLASSES, load_image_folder
 
     rng = np.random.default_rng(0)
-    labels = {"train": np.array([3, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0]), "t10k": np.array([2, 0])}
+    labels = {"train": np.array([3, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0]), "t10k": np.arange(10)}
     for prefix, lbl in labels.items():
         write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (len(lbl), 28, 28)))
         write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", lbl)
@@ -178,7 +178,7 @@ def test_photo_folder_writes_varied_rgb_jpegs_in_the_image_folder_layout_the_sam
 
     def generate(name: str, seed: int, workers: int) -> dict[str, bytes]:
         out = tmp_path / name
-        assert main(["--train", "14", "--test", "3", "--out", str(out), "--seed", str(seed),
+        assert main(["--train", "14", "--test", "10", "--out", str(out), "--seed", str(seed),
                      "--workers", str(workers), "--idx-dir", str(tmp_path)]) == 0
         return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.jpg"))}
 
@@ -187,10 +187,8 @@ def test_photo_folder_writes_varied_rgb_jpegs_in_the_image_folder_layout_the_sam
     # one item of each class in turn (classes 0..9, then the second items of classes 0 and 3), then again
     train_classes = [*range(10), 0, 3, 0, 1]
     expected = {f"train/{classes[c]}/{i}.jpg" for i, c in enumerate(train_classes)}
-    expected |= {f"test/{classes[c]}/{i}.jpg" for i, c in enumerate([0, 2, 0])}
+    expected |= {f"test/{classes[i]}/{i}.jpg" for i in range(10)}
     assert set(first) == expected
-    for split in ("train", "test"):  # every class folder, even empty ones: train and test agree
-        assert sorted(p.name for p in (tmp_path / "a" / split).iterdir()) == sorted(classes)
     sizes = set()
     for name in first:
         with Image.open(tmp_path / "a" / name) as img:
@@ -203,8 +201,10 @@ def test_photo_folder_writes_varied_rgb_jpegs_in_the_image_folder_layout_the_sam
     assert generate("b", seed=0, workers=2) == first  # the bytes depend on the seed, not on the workers
     other = generate("c", seed=1, workers=1)
     assert set(other) == set(first) and all(other[k] != first[k] for k in first)
-    assert main(["--train", "1", "--test", "1", "--out", str(tmp_path / "a"), "--idx-dir", str(tmp_path)]) == 2
+    assert main(["--train", "10", "--test", "10", "--out", str(tmp_path / "a"), "--idx-dir", str(tmp_path)]) == 2
     assert "already exists" in capsys.readouterr().err
+    assert main(["--train", "10", "--test", "9", "--out", str(tmp_path / "d"), "--idx-dir", str(tmp_path)]) == 2
+    assert "--test 9: fewer images than the 10 classes" in capsys.readouterr().err and not (tmp_path / "d").exists()
 
     raw = load_image_folder(DataConfig(dataset="image_folder", root=str(tmp_path / "a"), image_size=16))
-    assert raw.classes == sorted(classes) and len(raw.train_labels) == 14 and len(raw.test_labels) == 3
+    assert raw.classes == sorted(classes) and raw.test_labels.tolist() == list(range(10))  # one per class

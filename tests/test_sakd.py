@@ -1,4 +1,5 @@
-"""SAKD selector: schedule, interruptions, bookkeeping of one round, resume, and a fit() run."""
+"""SAKD selector: schedule, interruptions, bookkeeping of one round, resume, a fit() run, the rank
+normalisation and the constant loss scale (our variants), and the cache of the interrupted passes."""
 
 from __future__ import annotations
 

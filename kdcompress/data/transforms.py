@@ -44,7 +44,7 @@ class Geometry:
 def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
     """A CPU generator that depends only on (seed, epoch, stream): epochs can be replayed in any
     order, in any process (resume, the teacher-output cache). Streams: 0 the shuffle order, 1 the
-    pad-crop-flip draws, 2 the random-resized-crop draws."""
+    pad-crop-flip draws, 2 the random-resized-crop draws, 3 the random subset's rounds."""
     mixed = np.random.SeedSequence([seed, epoch, stream]).generate_state(2, np.uint32)
     return torch.Generator().manual_seed(int(mixed[0]) << 31 | int(mixed[1]) >> 1)
 

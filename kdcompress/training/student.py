@@ -93,6 +93,8 @@ def distill(params: dict, paths: SimpleNamespace, create_model: Callable) -> dic
               f"methods.{cfg.method}": params["methods"].get(cfg.method, {})}
     if cfg.sampling == "sakd":
         logged["sakd"] = dataclasses.asdict(params["sakd"])
+    elif cfg.sampling == "random":
+        logged["sakd"] = {"ratio": params["sakd"].ratio, "interval": params["sakd"].interval}
     if router is not None:
         logged["routing"] = dataclasses.asdict(params["routing"])
     point, resumed = resume_point(paths.resume, "distill", params, ("base", "distill", "methods", "sakd", "routing"),
