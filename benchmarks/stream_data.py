@@ -46,7 +46,6 @@ if __package__ in (None, ""):  # run as a script: the repository root holds the 
 import torch
 import yaml
 
-from benchmarks._runs import write_params
 from benchmarks.photo_folder import positive
 from kdcompress.config import load_params
 from kdcompress.data.loader import make_loader
@@ -138,6 +137,8 @@ def prepared(args, folder: Path, size: int, storage: str, results: dict) -> Path
     out = run / "prepared"
     if key in results["measurements"] and (out / "meta.json").exists():
         return out
+    from benchmarks._runs import write_params  # here: it loads every stage, which the epoch's process needs not
+
     overrides = {"data.dataset": "image_folder", "data.root": str(folder.resolve()), "data.image_size": size,
                  "data.storage": storage, "data.workers": args.workers, **PHOTO_PARAMS, **args.overrides}
     write_params(run, overrides, str(ROOT / "params.yaml"))

@@ -1,5 +1,9 @@
 """Model names with a width argument (``tinycnn:C1-C2-C3``, ``mobilenet:W``) build what they say,
-round-trip through checkpoints and ONNX metadata by name, and bad arguments are one clear error."""
+round-trip through checkpoints and ONNX metadata by name, and bad arguments are one clear error.
+torchvision (``tv:``) and timm (``timm:``) models keep the Classifier contract stage by stage, compute
+what the unsplit model does, export to ONNX and distil with feature methods."""
+
+import copy
 
 import pytest
 import torch
@@ -155,8 +159,8 @@ def test_timm_model_keeps_the_extract_contract_and_computes_what_timm_does(name,
 
 
 def test_timm_model_trains_like_timm_and_its_segments_share_its_tensors():
-    """Train mode (batch statistics, running-stat updates) follows timm's; after a cast and a
-    state_dict load, every segment reads the model's current tensors."""
+    """Train mode (batch statistics, running-stat updates) follows timm's; after a cast, a
+    state_dict load and a deep copy (online_ema, dml), every segment reads its own model's tensors."""
     model, reference = timm_pair("mobilenetv3_small_050")
     x = torch.randn(4, 1, 64, 64)
     close(model.train()(x), reference.train()(x))
@@ -167,6 +171,10 @@ def test_timm_model_trains_like_timm_and_its_segments_share_its_tensors():
         reference.classifier.weight.mul_(3.0)
         model.load_state_dict(reference.state_dict())
         close(model.eval()(x.double()), reference.eval()(x.double()))
+        twin, logits = copy.deepcopy(model), model(x.double())
+        twin.classifier.bias.add_(1.0)
+        close(twin(x.double()), logits + 1.0)
+        assert torch.equal(model(x.double()), logits)
 
 
 @pytest.mark.parametrize("name", [pytest.param("mobilenetv3_small_050"),

@@ -1,0 +1,220 @@
+"""The quantize stage's measured int8 search: the candidate list, the depthwise and squeeze-excitation
+exclusions, the choice rule (on synthetic timings and accuracies: nothing is timed there), and the stage
+on tiny data writing the search list and a chosen file that onnxruntime and the predictor run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+from conftest import ROOT, make_split
+from torch import nn
+from torchvision.ops import SqueezeExcitation
+
+from kdcompress.common import tracking
+from kdcompress.common.int8 import Int8Config, Quantizer, int8_path
+from kdcompress.common.onnx import METADATA_KEYS, ort_predict, read_metadata, save_onnx, session, to_onnx
+from kdcompress.config import QuantizeConfig
+from kdcompress.data.loader import make_loader
+from kdcompress.data.prepared import Prepared, save_prepared
+from kdcompress.deploy import int8_search, predict
+from kdcompress.deploy.export import metadata_for
+from kdcompress.deploy.int8_search import (
+    Search,
+    candidates,
+    choose,
+    depthwise_convs,
+    quantized_nodes,
+    se_blocks,
+    with_activations,
+)
+from kdcompress.deploy.quantize import accuracy
+from kdcompress.deploy.ship import decide
+from models import create_model
+from models.base import Classifier
+from pipeline import quantize as quantize_stage
+
+CLASSES, SHAPE = ["a", "b", "c", "d"], [1, 16, 16]
+
+
+def export(model: nn.Module, path: Path, shape: list[int] = SHAPE) -> Path:
+    meta = metadata_for("student", getattr(model, "arch", "test"), CLASSES, [0.5] * shape[0], [0.25] * shape[0],
+                        shape, 18)
+    return save_onnx(to_onnx(model.eval(), shape, 18, meta), path)
+
+
+def images(n: int, seed: int, shape: list[int] = SHAPE) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, *shape), dtype=np.float32)
+
+
+class SENet(Classifier):
+    """conv -> hard-swish -> squeeze-excitation -> depthwise conv -> ReLU -> pool -> linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Hardswish())
+        self.stages = nn.ModuleDict({"stage1": nn.Sequential(SqueezeExcitation(8, 4), nn.Conv2d(8, 8, 3, padding=1,
+                                                                                                groups=8), nn.ReLU())})
+        self.head = nn.Linear(8, len(CLASSES))
+
+
+@pytest.fixture(scope="module")
+def mobilenet(tmp_path_factory):
+    """The default student's architecture at 16 px, pre-processed and calibrated once."""
+    folder = tmp_path_factory.mktemp("mobilenet")
+    torch.manual_seed(0)
+    model = create_model("mobilenet:16", len(CLASSES), 1)
+    fp32 = export(model, folder / "student.onnx")
+    return model, fp32, Quantizer(fp32, [images(16, 1)], "minmax", folder / "work")
+
+
+@pytest.fixture(scope="module")
+def senet(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("senet")
+    torch.manual_seed(0)
+    fp32 = export(SENet(), folder / "se.onnx", [3, 16, 16])
+    return Quantizer(fp32, [images(8, 1, [3, 16, 16])], "minmax", folder / "work").graph
+
+
+def test_candidates_are_deterministic_and_skip_what_changes_nothing(mobilenet):
+    _, _, quantizer = mobilenet
+    first, again = candidates(quantizer.graph, True), candidates(quantizer.graph, True)
+    assert first == again
+    # no Add, Mul, pooling or squeeze-excitation in this net: those scopes would quantize the same nodes
+    scopes = ["all", "conv_gemm", "all-dw_fp32", "conv_gemm-dw_fp32"]
+    assert [c.name for c in first] == scopes + [f"{s}+per_tensor" for s in scopes] + \
+        [f"{s}+reduce_range" for s in scopes]
+    assert first[0] == Int8Config(per_channel=True)  # the project's single configuration comes first
+    assert [(c.per_channel, c.reduce_range) for c in first] == [(True, False)] * 4 + [(False, False)] * 4 + \
+        [(True, True)] * 4
+    assert len({(quantized_nodes(quantizer.graph, c), c.per_channel, c.reduce_range) for c in first}) == len(first)
+    flipped = candidates(quantizer.graph, False)
+    assert [c.name for c in flipped[4:8]] == [f"{s}+per_channel" for s in scopes] and not flipped[0].per_channel
+
+
+def test_depthwise_exclusion_picks_exactly_the_depthwise_convs(mobilenet):
+    model, _, quantizer = mobilenet
+    graph = quantizer.graph
+    torch_dw = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1]
+    all_convs = [n for n in graph.graph.node if n.op_type == "Conv"]
+    dw = depthwise_convs(graph)
+    assert len(dw) == len(torch_dw) == 6 and len(all_convs) == 13  # the 1-channel stem (group 1) is no depthwise
+    groups = {n.name: next(a.i for a in n.attribute if a.name == "group") for n in all_convs if n.name in dw}
+    weights = {t.name: list(t.dims) for t in graph.graph.initializer}
+    assert all(groups[n.name] == weights[n.input[1]][0] > 1 for n in all_convs if n.name in dw)
+    with_relu = with_activations(graph, dw)
+    extra = [n for n in graph.graph.node if n.name in set(with_relu) - set(dw)]
+    dw_outputs = {n.output[0] for n in all_convs if n.name in dw}
+    assert len(extra) == 6 and all(n.op_type == "Relu" and n.input[0] in dw_outputs for n in extra)
+
+
+def test_squeeze_excitation_and_hardswish_are_found(senet):
+    ops = {n.name: n for n in senet.graph.node}
+    assert all(ops) and len(ops) == len(senet.graph.node)  # unnamed exporter nodes (hard-swish) were named
+    se = se_blocks(senet)
+    assert sorted(ops[n].op_type for n in se) == ["Conv", "Conv", "ReduceMean", "Relu", "Sigmoid"]
+    assert not any(ops[n].op_type == "Mul" for n in se)  # the Mul scales the full map and stays with it
+    stem = next(n for n in senet.graph.node if n.op_type == "Conv")
+    assert sorted(ops[n].op_type for n in with_activations(senet, [stem.name])) == ["Conv", "HardSigmoid", "Mul"]
+    names = [c.name for c in candidates(senet, True)]
+    assert {"all-se_fp32", "all-dw_fp32", "conv_gemm_eltwise"} <= set(names)
+
+
+@pytest.mark.parametrize("results, expected", [
+    ([(1.0, True), (0.5, True), (0.3, False)], 1),  # the fastest passing one, not the fastest
+    ([(1.0, True), (0.52, True), (0.50, True)], 1),  # within 5 % of the fastest: the simpler wins
+    ([(1.0, True), (0.53, True), (0.50, True)], 2),  # 6 % slower: the fastest wins
+    ([(0.2, False), (0.1, False)], None),  # none passes: no int8 candidate
+])
+def test_choice_rule(results, expected):
+    entries = [{"p50_ms": ms, "passed": ok, "index": i} for i, (ms, ok) in enumerate(results)]
+    chosen = choose(entries)
+    assert (chosen and chosen["index"]) == expected
+    assert choose(entries, within=0.0) == (None if expected is None else min(
+        (e for e in entries if e["passed"]), key=lambda e: e["p50_ms"]))
+
+
+def fake_logits(labels: np.ndarray, wrong: int) -> np.ndarray:
+    """Logits right on every image but the first ``wrong``."""
+    return np.eye(len(CLASSES), dtype=np.float32)[(labels + (np.arange(len(labels)) < wrong)) % len(CLASSES)]
+
+
+@pytest.mark.parametrize("timings, wrong, chosen", [
+    ({3: 0.5, 5: 0.3}, {5: 1}, 3),  # 5 is faster but fails the gate
+    ({2: 0.52, 6: 0.50}, {}, 2),  # the simpler within 5 %
+    ({}, {i: 2 for i in range(12)}, None),  # none passes: the simplest is written, fp32 ships
+])
+def test_search_writes_the_chosen_candidate(mobilenet, tmp_path, monkeypatch, timings, wrong, chosen):
+    """Synthetic accuracies (1 wrong image in 100 = 1 point, over the 0.5-point gate) and timings."""
+    _, fp32, _ = mobilenet
+    (tmp_path / "student.onnx").write_bytes(fp32.read_bytes())
+    search = Search(tmp_path / "student.onnx", [images(16, 1)], QuantizeConfig(), tmp_path / "work", search=True)
+    names = list(search.configs)
+    monkeypatch.setattr(int8_search, "time_models", lambda paths, *a: {
+        name: timings.get(names.index(name), 1.0) if name in names else 0.4 for name in paths})
+    labels = np.arange(100) % len(CLASSES)
+    val = {"fp32": fake_logits(labels, 0), **{n: fake_logits(labels, wrong.get(i, 0)) for i, n in enumerate(names)}}
+    written = search.decide(val, labels)
+    expected = names[0] if chosen is None else names[chosen]
+    assert written == int8_path(tmp_path / "student.onnx") and written.read_bytes() == \
+        search.models[expected].read_bytes()
+    report = search.report({"fp32": val["fp32"], expected: val[expected]}, labels, 16)
+    assert report["chosen"] == (None if chosen is None else expected) and report["config"]["name"] == expected
+    assert report["passed"] == (chosen is not None) and report["fp32_p50_ms"] == 0.4
+    assert [s["config"]["name"] for s in report["search"]] == names
+    assert [s["passed"] for s in report["search"]] == [wrong.get(i, 0) == 0 for i in range(len(names))]
+    assert decide(report, 0.4, 0.1)[0] == ("fp32" if chosen is None else "int8")
+
+
+def test_quantize_stage_writes_the_search_and_a_chosen_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["quantize"] |= {"search_runs": 10, "search_rounds": 1, "samples": 32}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    torch.manual_seed(0)
+    onnx_dir = tmp_path / "onnx"
+    export(create_model("tinycnn", len(CLASSES), 1), onnx_dir / "teacher.onnx")
+    fp32 = export(create_model("mobilenet:16", len(CLASSES), 1), onnx_dir / "student.onnx")
+    checkpoint, metrics = tmp_path / "student.pt", tmp_path / "quantize.json"
+    checkpoint.write_bytes(b"checkpoint")
+    data = Prepared(**{name: make_split(n, len(CLASSES), 1, 16, seed) for name, n, seed in
+                       (("train", 64, 0), ("val", 48, 1), ("test", 40, 2))}, classes=CLASSES, mean=[0.5], std=[0.25])
+    save_prepared(data, tmp_path / "data")
+    assert quantize_stage.main(["--params", str(tmp_path / "params.yaml"), "--data", str(tmp_path / "data"),
+                                "--onnx", str(onnx_dir), "--student", str(checkpoint), "--metrics", str(metrics)]) == 0
+    report = json.loads(metrics.read_text())
+    student, teacher = report["student"], report["teacher"]
+    names = [s["config"]["name"] for s in student["search"]]
+    assert names[0] == "all" and len(names) == len(set(names)) == 12
+    assert all({"config", "p50_ms", "val_int8_top1", "drop_points", "passed"} <= set(s) for s in student["search"])
+    assert student["passed"] == (student["chosen"] is not None) and student["config"]["name"] in names
+    assert student["search_profile"]["threads"] == 1 and student["val"]["samples"] == 48
+    assert student["test"]["samples"] == 40 and "test" not in json.dumps(student["search"])
+    assert "search" not in teacher and teacher["config"]["name"] == "all"  # the teacher keeps one configuration
+    int8 = int8_path(fp32)
+    meta = read_metadata(int8, METADATA_KEYS)
+    assert read_metadata(fp32).items() <= meta.items() and meta["kdcompress.precision"] == "int8"
+    assert json.loads(meta["kdcompress.int8_config"]) == student["config"]
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in onnx.load(str(int8)).graph.node}
+    val = [x.numpy() for x, _, _ in make_loader(data, "val", "cpu", 16).batches()]
+    logits = ort_predict(int8, val)
+    assert accuracy(ort_predict(fp32, val), logits, data.val.labels.numpy()) == student["val"]  # the file measured
+    session(int8)  # onnxruntime loads it, and so does the torch-free predictor
+    assert (predict.load(int8).probabilities(np.concatenate(val)).argmax(1) == logits.argmax(1)).all()
+    run = tracking.runs("student")[0]
+    assert all(f"quantize.student.search.{n}.p50_ms" in run["metrics"] for n in names)
+    assert run["tags"]["quantize.student.chosen"] == str(student["chosen"])
+
+
+def test_search_off_is_the_single_configuration(mobilenet, tmp_path):
+    _, fp32, _ = mobilenet
+    (tmp_path / "student.onnx").write_bytes(fp32.read_bytes())
+    search = Search(tmp_path / "student.onnx", [images(16, 1)], replace(QuantizeConfig(), search=False),
+                    tmp_path / "work", search=False)
+    assert list(search.models) == ["fp32", "all"] and search.configs["all"] == Int8Config(per_channel=True)
