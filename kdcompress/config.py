@@ -98,7 +98,7 @@ class DataConfig:
     # memory: decoded uint8 splits on the device; stream: an index of the files, decoded on the fly by
     # DataLoader workers; auto: memory when the decoded splits fit memory_budget_gb (image_folder only)
     storage: str = _opt("auto", choices=("auto", "memory", "stream"))
-    memory_budget_gb: float = _opt(4.0, lo=0.0, lo_open=True)
+    memory_budget_gb: float = _opt(1.0, lo=0.0, lo_open=True)
     workers: int = _opt(2, lo=0)  # stream: DataLoader worker processes (0: in the main process); prepare's checks
     train_transform: str = _opt("pad_crop_flip", choices=("pad_crop_flip", "random_resized_crop"))
     crop_scale: float = _opt(0.08, lo=0.0, hi=1.0, lo_open=True)  # random_resized_crop: smallest area fraction

@@ -87,15 +87,15 @@ def test_candidates_are_deterministic_and_skip_what_changes_nothing(mobilenet):
     first, again = candidates(quantizer.graph, True), candidates(quantizer.graph, True)
     assert first == again
     # no Add, Mul, pooling or squeeze-excitation in this net: those scopes would quantize the same nodes
-    scopes = ["all", "conv_gemm", "all-dw_fp32", "conv_gemm-dw_fp32"]
-    assert [c.name for c in first] == scopes + [f"{s}+per_tensor" for s in scopes] + \
-        [f"{s}+reduce_range" for s in scopes]
+    scopes = ["all", "conv_gemm", "all_dw_fp32", "conv_gemm_dw_fp32"]
+    assert [c.name for c in first] == scopes + [f"{s}-per_tensor" for s in scopes] + \
+        [f"{s}-reduce_range" for s in scopes]
     assert first[0] == Int8Config(per_channel=True)  # the project's single configuration comes first
     assert [(c.per_channel, c.reduce_range) for c in first] == [(True, False)] * 4 + [(False, False)] * 4 + \
         [(True, True)] * 4
     assert len({(quantized_nodes(quantizer.graph, c), c.per_channel, c.reduce_range) for c in first}) == len(first)
     flipped = candidates(quantizer.graph, False)
-    assert [c.name for c in flipped[4:8]] == [f"{s}+per_channel" for s in scopes] and not flipped[0].per_channel
+    assert [c.name for c in flipped[4:8]] == [f"{s}-per_channel" for s in scopes] and not flipped[0].per_channel
 
 
 def test_depthwise_exclusion_picks_exactly_the_depthwise_convs(mobilenet):
@@ -123,7 +123,7 @@ def test_squeeze_excitation_and_hardswish_are_found(senet):
     stem = next(n for n in senet.graph.node if n.op_type == "Conv")
     assert sorted(ops[n].op_type for n in with_activations(senet, [stem.name])) == ["Conv", "HardSigmoid", "Mul"]
     names = [c.name for c in candidates(senet, True)]
-    assert {"all-se_fp32", "all-dw_fp32", "conv_gemm_eltwise"} <= set(names)
+    assert {"all_se_fp32", "all_dw_fp32", "conv_gemm_eltwise"} <= set(names)
 
 
 @pytest.mark.parametrize("results, expected", [

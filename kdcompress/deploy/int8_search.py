@@ -109,9 +109,9 @@ def candidates(graph: onnx.ModelProto, per_channel: bool) -> list[Int8Config]:
     dw = tuple(with_activations(graph, depthwise_convs(graph)))
     se = tuple(se_blocks(graph))
     scopes = [("all", None, ()), ("conv_gemm", CONV_GEMM, ()), ("conv_gemm_eltwise", ELTWISE_POOL, ()),
-              ("all-dw_fp32", None, dw), ("all-se_fp32", None, se), ("conv_gemm-dw_fp32", CONV_GEMM, dw)]
-    weights = [("", per_channel, False), ("+per_tensor" if per_channel else "+per_channel", not per_channel, False),
-               ("+reduce_range", per_channel, True)]
+              ("all_dw_fp32", None, dw), ("all_se_fp32", None, se), ("conv_gemm_dw_fp32", CONV_GEMM, dw)]
+    weights = [("", per_channel, False), ("-per_tensor" if per_channel else "-per_channel", not per_channel, False),
+               ("-reduce_range", per_channel, True)]
     out, seen = [], set()
     for suffix, channel, reduce in weights:
         for name, op_types, exclude in scopes:
@@ -192,6 +192,8 @@ class Search:
 
 
 def for_tracking(report: dict) -> dict:
-    """quantize.json as MLflow metrics: each role's search list keyed by candidate name (metrics keep
-    numbers only)."""
-    return {role: {**r, "search": {s["config"]["name"]: s for s in r.get("search", [])}} for role, r in report.items()}
+    """quantize.json as MLflow metrics (numbers only): each role's search list keyed by candidate name
+    (letters, digits, ``_`` and ``-``: valid metric names), its timing, val figures and verdict."""
+    keys = ("p50_ms", "val_int8_top1", "drop_points", "passed")
+    return {role: {**r, "search": {s["config"]["name"]: {k: s[k] for k in keys} for s in r.get("search", [])}}
+            for role, r in report.items()}
