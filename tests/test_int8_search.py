@@ -39,6 +39,7 @@ from kdcompress.deploy.ship import decide
 from models import create_model
 from models.base import Classifier
 from pipeline import quantize as quantize_stage
+from pipeline import ship
 
 CLASSES, SHAPE = ["a", "b", "c", "d"], [1, 16, 16]
 
@@ -172,23 +173,32 @@ def test_search_writes_the_chosen_candidate(mobilenet, tmp_path, monkeypatch, ti
     assert decide(report, 0.4, 0.1)[0] == ("fp32" if chosen is None else "int8")
 
 
-def test_quantize_stage_writes_the_search_and_a_chosen_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+@pytest.fixture(scope="module")
+def stage_run(tmp_path_factory):
+    """The quantize stage on tiny data (random-weight tinycnn teacher and mobilenet:16 student, 16 px),
+    timing with the fewest runs params allow: its folder, data and report."""
+    tmp = tmp_path_factory.mktemp("stage")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["quantize"] |= {"search_runs": 10, "search_rounds": 1, "samples": 32}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
     torch.manual_seed(0)
-    onnx_dir = tmp_path / "onnx"
-    export(create_model("tinycnn", len(CLASSES), 1), onnx_dir / "teacher.onnx")
-    fp32 = export(create_model("mobilenet:16", len(CLASSES), 1), onnx_dir / "student.onnx")
-    checkpoint, metrics = tmp_path / "student.pt", tmp_path / "quantize.json"
-    checkpoint.write_bytes(b"checkpoint")
+    export(create_model("tinycnn", len(CLASSES), 1), tmp / "onnx" / "teacher.onnx")
+    export(create_model("mobilenet:16", len(CLASSES), 1), tmp / "onnx" / "student.onnx")
+    (tmp / "student.pt").write_bytes(b"checkpoint")
     data = Prepared(**{name: make_split(n, len(CLASSES), 1, 16, seed) for name, n, seed in
                        (("train", 64, 0), ("val", 48, 1), ("test", 40, 2))}, classes=CLASSES, mean=[0.5], std=[0.25])
-    save_prepared(data, tmp_path / "data")
-    assert quantize_stage.main(["--params", str(tmp_path / "params.yaml"), "--data", str(tmp_path / "data"),
-                                "--onnx", str(onnx_dir), "--student", str(checkpoint), "--metrics", str(metrics)]) == 0
-    report = json.loads(metrics.read_text())
+    save_prepared(data, tmp / "data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
+        assert quantize_stage.main(["--params", str(tmp / "params.yaml"), "--data", str(tmp / "data"), "--onnx",
+                                    str(tmp / "onnx"), "--student", str(tmp / "student.pt"), "--metrics",
+                                    str(tmp / "quantize.json")]) == 0
+        run = tracking.runs("student")[0]
+    return tmp, data, json.loads((tmp / "quantize.json").read_text()), run
+
+
+def test_quantize_stage_writes_the_search_and_a_chosen_file(stage_run):
+    tmp, data, report, run = stage_run
     student, teacher = report["student"], report["teacher"]
     names = [s["config"]["name"] for s in student["search"]]
     assert names[0] == "all" and len(names) == len(set(names)) == 12
@@ -197,7 +207,7 @@ def test_quantize_stage_writes_the_search_and_a_chosen_file(tmp_path, monkeypatc
     assert student["search_profile"]["threads"] == 1 and student["val"]["samples"] == 48
     assert student["test"]["samples"] == 40 and "test" not in json.dumps(student["search"])
     assert "search" not in teacher and teacher["config"]["name"] == "all"  # the teacher keeps one configuration
-    int8 = int8_path(fp32)
+    fp32, int8 = tmp / "onnx" / "student.onnx", int8_path(tmp / "onnx" / "student.onnx")
     meta = read_metadata(int8, METADATA_KEYS)
     assert read_metadata(fp32).items() <= meta.items() and meta["kdcompress.precision"] == "int8"
     assert json.loads(meta["kdcompress.int8_config"]) == student["config"]
@@ -207,9 +217,40 @@ def test_quantize_stage_writes_the_search_and_a_chosen_file(tmp_path, monkeypatc
     assert accuracy(ort_predict(fp32, val), logits, data.val.labels.numpy()) == student["val"]  # the file measured
     session(int8)  # onnxruntime loads it, and so does the torch-free predictor
     assert (predict.load(int8).probabilities(np.concatenate(val)).argmax(1) == logits.argmax(1)).all()
-    run = tracking.runs("student")[0]
     assert all(f"quantize.student.search.{n}.p50_ms" in run["metrics"] for n in names)
     assert run["tags"]["quantize.student.chosen"] == str(student["chosen"])
+
+
+def test_ship_stage_cards_the_search(stage_run, tmp_path, monkeypatch):
+    """The ship stage on the quantize stage's output, the other stages' figures made up (int8 twice as fast)."""
+    tmp, _, report, _ = stage_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    figures = {"ort_edge": {"p50_ms": 0.2, "p90_ms": 0.2, "p99_ms": 0.2}, "ort_server": {"images_per_s": 1000.0},
+               "memory_edge": {"peak_rss_mib": 5.0}, "file_bytes": 2048}
+    bench = {role: {"fp32": figures, "int8": {**figures, "ort_edge": {"p50_ms": 0.1, "p90_ms": 0.1, "p99_ms": 0.1}}}
+             for role in ("student", "teacher")} | {
+        "environment": {"onnxruntime": "1", "cpu": "Some ARM core", "cpu_count": 2, "server_batch": 64}}
+    inputs = {"evaluation": {"student": {"top1": 0.9, "ece": 0.01, "agreement": 0.95}, "teacher": {"top1": 0.93}},
+              "export": {"student": {"params": 1234, "macs": 5e6, "samples": 64, "max_abs_diff": 1e-6,
+                                     "top1_agreement": 1.0}}, "benchmark": bench}
+    args = ["--onnx", str(tmp / "onnx"), "--student", str(tmp / "student.pt"), "--quantization",
+            str(tmp / "quantize.json"), "--out", str(tmp_path / "ship"), "--metrics", str(tmp_path / "summary.json")]
+    for name, value in inputs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(value))
+        args += [f"--{name}", str(tmp_path / f"{name}.json")]
+    assert ship.main(args) == 0
+    student, shipped = report["student"], tmp_path / "ship"
+    int8_ships = student["chosen"] is not None
+    assert (shipped / "model.fp32.onnx").exists() == int8_ships
+    assert (shipped / "model.onnx").read_bytes() == (tmp / "onnx" / ("student.int8.onnx" if int8_ships else
+                                                                      "student.onnx")).read_bytes()
+    text = (shipped / "MODEL_CARD.md").read_text()
+    assert "Latencies measured on Some ARM core (the int8 configuration search on" in text and "ARM" in text
+    table = text[text.index("## int8 configurations searched"):text.index("## Student metrics")]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split(" | ")[0].strip("| *") for r in rows] == [s["config"]["name"] for s in student["search"]]
+    assert sum("**" in r for r in rows) == int8_ships
+    assert (f"The int8 candidate: **{student['chosen']}**" if int8_ships else "No configuration passed") in table
 
 
 def test_search_off_is_the_single_configuration(mobilenet, tmp_path):

@@ -64,3 +64,28 @@ def test_a_run_writes_its_outputs_and_the_next_run_reads_the_teacher_cache(train
     assert second["teacher_cache_hit_fraction"] == 1.0 and second["val_acc"] == first["val_acc"]
     runs = mlflow.search_runs(experiment_names=["kdcompress"], filter_string="tags.kdcompress.role = 'student'")
     assert list(runs["status"]) == ["FINISHED", "FINISHED"]
+
+
+def test_student_init_starts_from_the_file_or_refuses_it_in_one_line(project, capsys):
+    """distill.student_init: the head of a file for 5 classes is re-initialised (one note), the rest is
+    the file's; 3-channel weights for this 1-channel data are one UserError before anything is written."""
+    import torch
+
+    from kdcompress.common.checkpoint import save_checkpoint
+
+    five = create_model("tinycnn", 5, 1)
+    save_checkpoint(project / "five.pt", "tinycnn", 5, 1, five.state_dict())
+    rgb = create_model("tinycnn", 10, 3)
+    torch.save(rgb.state_dict(), project / "rgb.pt")
+    params = load_params(write_params(project, distill={"student": "tinycnn", "method": "ce", "student_init": "rgb.pt"}))
+    assert prepare.main([]) == 0
+    with pytest.raises(UserError, match=r"rgb.pt.*shape mismatch.*weight"):
+        distill(params, paths(project), create_model)
+    assert not (project / "out").exists()
+    from kdcompress.common.checkpoint import init_weights
+
+    student = create_model("tinycnn", 10, 1)
+    assert init_weights(student, project / "five.pt", "distill.student_init")
+    assert "re-initialised the classifier head" in capsys.readouterr().out
+    shared = [k for k, v in five.state_dict().items() if v.shape == student.state_dict()[k].shape]
+    assert shared and all(torch.equal(five.state_dict()[k], student.state_dict()[k]) for k in shared)

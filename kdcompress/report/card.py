@@ -19,6 +19,9 @@ def card(metadata: dict[str, str], precision: str, reason: str, evaluation: dict
     lines = [
         f"# {metadata['kdcompress.architecture']} student, shipped as {precision}", "",
         f"**Decision: {precision}.** {reason}.", "",
+        f"Latencies measured on {env['cpu']}{_search_host(gate)}: int8 kernels differ between CPUs, and an ARM "
+        "device (or another x86 CPU) may decide differently; rerun the quantize, benchmark and ship stages there to "
+        "decide for it.", "",
         "## Files", "",
         f"- `model.onnx`: the {precision} model to deploy (one file, no external data; its metadata says how "
         "to feed it).",
@@ -54,7 +57,8 @@ def card(metadata: dict[str, str], precision: str, reason: str, evaluation: dict
         f"int8 vs fp32 top-1 agreement: val (decision) student {gate['val']['agreement']:.2%}, teacher "
         f"{teacher_gate['val']['agreement']:.2%}; test (reported) student {gate['test']['agreement']:.2%}, teacher "
         f"{teacher_gate['test']['agreement']:.2%} (calibration: {gate['calibration']}, {gate['calibration_samples']} "
-        "training images).", "",
+        f"training images{_configuration(gate)}).", "",
+        *_search_table(gate),
         "## Student metrics on test, reported (fp32, PyTorch)", "",
         "| metric | value |", "| --- | --- |",
         *[f"| {k} | {v:.4f} |" for k, v in evaluation["student"].items()], "",
@@ -62,4 +66,43 @@ def card(metadata: dict[str, str], precision: str, reason: str, evaluation: dict
         f"{metadata['opset']}. Parity ONNX vs PyTorch on {parity['samples']} val images: max |dlogit| "
         f"{parity['max_abs_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.2%}.", ""]
     return "\n".join(lines)
+
+
+SCOPES = ("`all`: every op type onnxruntime quantizes (the single configuration of `quantize.search: false`); "
+          "`conv_gemm`: Conv, Gemm and MatMul with the ReLU/clip folded into them; `conv_gemm_eltwise`: plus Add, Mul "
+          "and pooling; `_dw_fp32` / `_se_fp32`: depthwise convolutions (with their activations) / squeeze-excitation "
+          "blocks left in fp32; `-per_tensor`, `-per_channel`, `-reduce_range` (7-bit): the weights' options changed")
+
+
+def _search_host(quant: dict) -> str:
+    return f" (the int8 configuration search on {quant['search_profile']['cpu']})" if quant.get("search") else ""
+
+
+def _configuration(quant: dict) -> str:
+    return f"; student int8 configuration `{quant['config']['name']}`" if "config" in quant else ""
+
+
+def _search_table(quant: dict) -> list[str]:
+    """The student's int8 search (kdcompress.deploy.int8_search), one row per candidate in the order of
+    simplicity; nothing when the stage ran one configuration."""
+    if not quant.get("search"):
+        return []
+    profile, fp32, chosen = quant["search_profile"], quant["fp32_p50_ms"], quant["chosen"]
+
+    def row(s: dict) -> str:
+        name = s["config"]["name"]
+        return (f"| {f'**{name}**' if name == chosen else name} | {s['p50_ms']:.4f} ({fp32 / s['p50_ms']:.2f}x) | "
+                f"{s['val_int8_top1']:.2%} | {s['drop_points']:.2f} | {'passed' if s['passed'] else 'failed'} |")
+
+    verdict = (f"The int8 candidate: **{chosen}**, the fastest that passed the gate (among those within "
+               f"{profile['simpler_within']:.0%} of it, the first in this order); it ships only if the benchmark "
+               "finds it faster than fp32." if chosen else
+               "No configuration passed the gate: no int8 candidate, fp32 ships.")
+    return [
+        "## int8 configurations searched (student)", "",
+        f"Each timed at batch {profile['batch']} on {profile['threads']} thread (p50, the median of "
+        f"{profile['rounds']} interleaved rounds of {profile['runs']} runs, on {profile['cpu']}; fp32 {fp32:.4f} ms) "
+        f"and gated on val, in order of simplicity. {SCOPES}.", "",
+        "| configuration | batch-1 p50 ms (vs fp32) | val int8 top-1 (decision) | drop (points) | gate |",
+        "| --- | --- | --- | --- | --- |", *map(row, quant["search"]), "", verdict, ""]
 

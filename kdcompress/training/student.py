@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import torch
 
 from kdcompress.common import distributed, tracking
-from kdcompress.common.checkpoint import build_model, load_model, save_checkpoint
+from kdcompress.common.checkpoint import build_model, init_weights, load_model, save_checkpoint
 from kdcompress.data.loader import make_loader
 from kdcompress.data.prepared import load_prepared
 from kdcompress.io import save_figure, write_csv, write_json
@@ -69,6 +69,8 @@ def distill(params: dict, paths: SimpleNamespace, create_model: Callable) -> dic
     ort_teacher = use_ort_teacher(cfg.teacher_runtime, loss, device)
     data = load_prepared(paths.data, splits=("train", "val"))
     student = build_model(create_model, cfg.student, len(data.classes), data.input_shape[0])
+    if cfg.student_init:
+        init_weights(student, cfg.student_init, "distill.student_init")
     student = student.to(device, memory_format=torch.channels_last)
     teacher = None
     if (loss is not None and loss.needs_teacher) or cfg.sampling != "full":
@@ -98,7 +100,8 @@ def distill(params: dict, paths: SimpleNamespace, create_model: Callable) -> dic
     if router is not None:
         logged["routing"] = dataclasses.asdict(params["routing"])
     point, resumed = resume_point(paths.resume, "distill", params, ("base", "distill", "methods", "sakd", "routing"),
-                                  [paths.data, paths.teacher] if teacher is not None else [paths.data])
+                                  [paths.data, *([paths.teacher] if teacher is not None else []),
+                                   *([cfg.student_init] if cfg.student_init else [])])
     if not distributed.is_main():  # the other ranks train their share of every batch and write nothing
         fit(distiller, train, val, selector, cfg, resume=resumed, precision=params["base"].precision)
         return None

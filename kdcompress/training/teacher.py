@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import torch
 
 from kdcompress.common import distributed, tracking
-from kdcompress.common.checkpoint import build_model, load_weights, read_checkpoint, save_checkpoint
+from kdcompress.common.checkpoint import build_model, init_weights, load_weights, read_checkpoint, save_checkpoint
 from kdcompress.data.loader import make_loader
 from kdcompress.data.prepared import load_prepared
 from kdcompress.io import write_csv, write_json
@@ -32,11 +32,14 @@ def train_teacher(params: dict, paths: SimpleNamespace, create_model: Callable) 
     cfg = params["teacher"]
     data = load_prepared(paths.data, splits=("val",) if cfg.checkpoint else ("train", "val"))
     model = build_model(create_model, cfg.model, len(data.classes), data.input_shape[0])
+    if cfg.init:
+        init_weights(model, cfg.init, "teacher.init")
     val = make_loader(data, "val", device, cfg.eval_batch_size, workers=params["data"].workers)
     model.to(device, memory_format=torch.channels_last)
     history, point, teach, resumed = [], None, None, None
     if not cfg.checkpoint:
-        point, resumed = resume_point(paths.resume, "train_teacher", params, ("base", "teacher"), [paths.data])
+        point, resumed = resume_point(paths.resume, "train_teacher", params, ("base", "teacher"),
+                                      [paths.data, *([cfg.init] if cfg.init else [])])
         train = make_loader(data, "train", device, cfg.batch_size, workers=params["data"].workers,
                             crop_padding=cfg.crop_padding, hflip=cfg.hflip, seed=params["base"].seed)
         teach = functools.partial(fit, Distiller(model, label_smoothing=cfg.label_smoothing), train, val,
@@ -52,7 +55,8 @@ def train_teacher(params: dict, paths: SimpleNamespace, create_model: Callable) 
             if not os.path.abspath(cfg.checkpoint).startswith(os.path.abspath("weights") + os.sep):
                 print(f"note: teacher.checkpoint {cfg.checkpoint} is outside weights/: `dvc repro` will not notice "
                       "when it changes")
-            load_weights(model, read_checkpoint(cfg.checkpoint)["state_dict"], cfg.checkpoint)
+            load_weights(model, read_checkpoint(cfg.checkpoint)["state_dict"], cfg.checkpoint,
+                         what="teacher.checkpoint", init_key="teacher.init")
             logits, labels = predict(model, val)
             best_epoch, val_acc = -1, (logits.argmax(1) == labels).float().mean().item()
             state, seconds = model.state_dict(), 0.0
