@@ -77,7 +77,8 @@ def test_student_init_starts_from_the_file_or_refuses_it_in_one_line(project, ca
     save_checkpoint(project / "five.pt", "tinycnn", 5, 1, five.state_dict())
     rgb = create_model("tinycnn", 10, 3)
     torch.save(rgb.state_dict(), project / "rgb.pt")
-    params = load_params(write_params(project, distill={"student": "tinycnn", "method": "ce", "student_init": "rgb.pt"}))
+    distill_cfg = {"student": "tinycnn", "method": "ce", "student_init": "rgb.pt"}
+    params = load_params(write_params(project, distill=distill_cfg))
     assert prepare.main([]) == 0
     with pytest.raises(UserError, match=r"rgb.pt.*shape mismatch.*weight"):
         distill(params, paths(project), create_model)
