@@ -35,6 +35,23 @@ def photos(project, monkeypatch):
     return project
 
 
+@pytest.fixture(scope="module")
+def streamed(tmp_path_factory):
+    """One project for the slow tests: the photos prepared in the stream storage and a teacher trained
+    on them once; each test runs the stages it is about (and rewrites its params)."""
+    root = tmp_path_factory.mktemp("streamed")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.setenv("KDCOMPRESS_CACHE_DIR", str(root / "cache"))
+        mp.setenv("PYTHONPATH", str(ROOT))  # the workers of base.nproc: 2 run `python -m pipeline.distill` here
+        mp.delenv("DVC_ROOT", raising=False)
+        write_photo_folder(root / "photos", {"train": 12, "test": 5})
+        write_params(root, data=PHOTOS)
+        assert prepare.main([]) == 0 and train_teacher.main([]) == 0
+        yield root
+
+
 def stage_args(data: str, tag: str = "") -> dict[str, list[str]]:
     out = f"artifacts{tag}"
     return {
@@ -76,24 +93,24 @@ def test_built_in_data_sets_refuse_the_stream_storage(project, capsys):
 
 
 @pytest.mark.slow
-def test_memory_and_stream_storages_train_the_same_teacher(photos):
+def test_memory_and_stream_storages_train_the_same_teacher(streamed):
     """The stream storage decodes what the memory storage stores: the same batches, the same weights."""
-    states = {}
-    for storage in ("memory", "stream"):
-        write_params(photos, data={**PHOTOS, "storage": storage})
-        args = stage_args(f"artifacts/{storage}", f"/{storage}")
-        assert prepare.main(args["prepare"]) == 0 and train_teacher.main(args["teacher"]) == 0
-        states[storage] = torch.load(photos / "artifacts" / storage / "teacher.pt", weights_only=True)["state_dict"]
-    assert [load_prepared(f"artifacts/{s}").storage for s in ("memory", "stream")] == ["memory", "stream"]
-    for key, value in states["memory"].items():
-        assert torch.equal(value, states["stream"][key]), key
+    write_params(streamed, data={**PHOTOS, "storage": "memory"})
+    args = stage_args("artifacts/memory", "/memory")
+    assert prepare.main(args["prepare"]) == 0 and train_teacher.main(args["teacher"]) == 0
+    write_params(streamed, data=PHOTOS)
+    assert [load_prepared(f"artifacts/{s}").storage for s in ("memory", "data")] == ["memory", "stream"]
+    memory = torch.load(streamed / "artifacts" / "memory" / "teacher.pt", weights_only=True)["state_dict"]
+    stream = torch.load(streamed / "artifacts" / "teacher" / "teacher.pt", weights_only=True)["state_dict"]
+    for key, value in memory.items():
+        assert torch.equal(value, stream[key]), key
 
 
 @pytest.mark.slow
-def test_the_pipeline_on_streamed_photos_ships_what_it_reports(photos):
-    """prepare -> teacher -> distill (twice: the second served by the teacher cache) -> evaluate ->
-    export; predict.py on the test folder's files gives the evaluated test accuracy."""
-    assert prepare.main([]) == 0 and train_teacher.main([]) == 0
+def test_the_pipeline_on_streamed_photos_ships_what_it_reports(streamed):
+    """distill (twice: the second served by the teacher cache) -> evaluate -> export; predict.py on
+    the test folder's files gives the evaluated test accuracy."""
+    photos = streamed
     assert distill.main([]) == 0 and distill.main([]) == 0
     assert json.loads((photos / "artifacts" / "metrics" / "distill.json").read_text())[
         "teacher_cache_hit_fraction"] == 1.0
@@ -108,8 +125,8 @@ def test_the_pipeline_on_streamed_photos_ships_what_it_reports(photos):
 
 
 @pytest.mark.slow
-def test_sakd_and_spot_routing_run_on_streamed_photos(photos):
-    assert prepare.main([]) == 0 and train_teacher.main([]) == 0
+def test_sakd_and_spot_routing_run_on_streamed_photos(streamed):
+    photos = streamed
     write_params(photos, data=PHOTOS, distill={"student": "tinycnn", "method": "kd", "epochs": 2, "batch_size": 32,
                                                "lr": 0.05, "eval_batch_size": 64, "sampling": "sakd"},
                  sakd={"interval": 1, "patch_size": 4})
@@ -123,9 +140,8 @@ def test_sakd_and_spot_routing_run_on_streamed_photos(photos):
 
 
 @pytest.mark.slow
-def test_two_processes_distil_streamed_photos(photos, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the workers run `python -m pipeline.distill` here
-    assert prepare.main([]) == 0 and train_teacher.main([]) == 0
+def test_two_processes_distil_streamed_photos(streamed):
+    photos = streamed
     write_params(photos, data=PHOTOS, base={"seed": 0, "device": "cpu", "num_threads": 1, "nproc": 2})
     assert distill.main([]) == 0
     summary = json.loads((photos / "artifacts" / "metrics" / "distill.json").read_text())
