@@ -2,13 +2,13 @@
 op type, fp32 against int8 in the project's single configuration (naive: every op type onnxruntime
 quantizes) and in the fastest configuration of the quantize stage's search list, at batch 1 on one thread.
 
-    nice -n 10 python -m benchmarks.int8_profile [--models mobilenet:16@28 tv:resnet18@224 ...] [--runs 30]
+    nice -n 10 python -m benchmarks.int8_profile [--models mobilenet:16@28 tv:resnet18@224 ...] [--runs 200]
 
 Latency only: the weights are random (torchvision's initialisation, nothing is downloaded) and the
 calibration images random normal, so no accuracy is measured (the quantize stage's search gates every
 candidate on val) and only the configurations with per-channel weights and no ``reduce_range`` are
 timed (the weight options change accuracy, not the kernels run). The host is shared: only ratios
-measured side by side in one process compare (``time_models`` interleaves the candidates round by round).
+measured side by side in one process compare (``time_models`` interleaves the models' blocks of runs).
 Writes ``--out`` (JSON) and prints the markdown tables of benchmarks/README.md.
 """
 
@@ -19,6 +19,7 @@ import bisect
 import datetime
 import json
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -28,7 +29,14 @@ import torch
 
 from kdcompress.common.int8 import Quantizer
 from kdcompress.common.onnx import INPUT_NAME, save_onnx, to_onnx
-from kdcompress.deploy.int8_search import candidates, depthwise_convs, time_models, with_activations
+from kdcompress.deploy.int8_search import (
+    block_runs,
+    candidates,
+    depthwise_convs,
+    time_models,
+    with_activations,
+    write_candidates,
+)
 from kdcompress.deploy.profiling import count_macs, cpu_name
 from kdcompress.io import write_json
 from models import create_model
@@ -36,7 +44,6 @@ from models import create_model
 MODELS = ["mobilenet:16@28", "tv:mobilenet_v3_small@224", "tv:efficientnet_b0@224", "tv:resnet18@224",
           "tv:shufflenet_v2_x1_0@224", "tv:mobilenet_v3_large@224"]
 TOP = 5  # op types listed per model and precision
-PROFILE_MS = 500  # profiled runs: at least this many ms of fp32 model time
 
 
 def op_profiles(paths: dict[str, Path], shape: list[int], runs: int, rounds: int, depthwise: set[str],
@@ -97,14 +104,16 @@ def measure(spec: str, runs: int, rounds: int, folder: Path) -> dict:
     quantizer = Quantizer(fp32, [rng.standard_normal((4, *shape), dtype=np.float32) for _ in range(4)], "minmax",
                           folder)
     configs = [c for c in candidates(quantizer.graph, per_channel=True) if c.per_channel and not c.reduce_range]
-    paths = {"fp32": fp32, **{c.name: quantizer.write(c, folder / f"{c.name}.onnx") for c in configs}}
-    p50 = time_models(paths, shape, runs, rounds)
-    best = min((c.name for c in configs), key=p50.get)
-    profiled = min(max(runs, int(PROFILE_MS / p50["fp32"] / rounds)), 1000)  # enough runs for a stable median
+    files, timed_as, dropped = write_candidates(quantizer, configs, folder)
+    block = block_runs(fp32, shape, runs, rounds)
+    p50 = time_models({name: ({"fp32": fp32} | files)[name] for name in ("fp32", *timed_as.values())}, shape, block,
+                      rounds)
+    best = min(set(timed_as.values()), key=p50.get)
     dw = set(with_activations(quantizer.graph, depthwise_convs(quantizer.graph)))
     ids = dw | {o for n in quantizer.graph.graph.node if n.name in dw for o in n.output}  # fused nodes take these
-    ops = op_profiles({"fp32": fp32, "naive": paths["all"], "best": paths[best]}, shape, profiled, rounds, ids)
-    return {"model": spec, "macs": count_macs(model, shape), "p50_ms": p50, "best": best, "ops": ops}
+    ops = op_profiles({"fp32": fp32, "naive": files["all"], "best": files[best]}, shape, block, rounds, ids)
+    return {"model": spec, "macs": count_macs(model, shape), "p50_ms": p50, "best": best, "timed_as": timed_as,
+            "dropped": dropped, "ops": ops}
 
 
 def tables(results: list[dict]) -> str:
@@ -127,15 +136,17 @@ def tables(results: list[dict]) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=MODELS, help="registry name @ image size")
-    p.add_argument("--runs", type=int, default=30, help="timed batch-1 runs per model, round and profile")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--runs", type=int, default=200, help="timed batch-1 runs per model (and per profile), at least")
+    p.add_argument("--rounds", type=int, default=20, help="interleaved blocks the runs come in")
     p.add_argument("--out", default="benchmarks/results/int8_profile.json")
     args = p.parse_args(argv)
     results = []
     for spec in args.models:
+        start = time.process_time()
         with tempfile.TemporaryDirectory(prefix="kdcompress-int8-profile-") as tmp:
             results.append(measure(spec, args.runs, args.rounds, Path(tmp)))
-        print(f"{spec}: fp32 {results[-1]['p50_ms']['fp32']:.3f} ms, best {results[-1]['best']}", flush=True)
+        print(f"{spec}: fp32 {results[-1]['p50_ms']['fp32']:.3f} ms, best {results[-1]['best']} "
+              f"({time.process_time() - start:.0f} s CPU)", flush=True)
     write_json(args.out, {"host": cpu_name(), "onnxruntime": ort.__version__, "threads": 1, "batch": 1,
                           "date": datetime.date.today().isoformat(), "runs": args.runs, "rounds": args.rounds,
                           "results": results})

@@ -198,8 +198,8 @@ class QuantizeConfig:
     per_channel: bool = True
     max_drop: float = _opt(0.5, lo=0.0)  # gate: int8 val top-1 at most this many points below fp32
     search: bool = True  # the student's int8: the fastest of a bounded list of configurations that passes the gate
-    search_runs: int = _opt(100, lo=10)  # timed batch-1 runs per candidate and round
-    search_rounds: int = _opt(3, lo=1)  # interleaved timing rounds (the median counts)
+    search_runs: int = _opt(200, lo=10)  # timed batch-1 runs per candidate, at least (blocks of >= 5 ms)
+    search_rounds: int = _opt(20, lo=1)  # interleaved blocks of runs per candidate (p50 over all)
 
 
 @dataclass(frozen=True)

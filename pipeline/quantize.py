@@ -50,7 +50,7 @@ def main(argv=None):
         tracking.log_metrics(for_tracking(report), prefix="quantize")
         tracking.log_tags({f"quantize.{r}.chosen": str(report[r]["chosen"]) for r in report})
     for r, q in report.items():
-        print(f"int8 {r} ({q['config']['name']} of {len(q.get('search', [])) or 1}): val top-1 "
+        print(f"int8 {r} ({q['config']['name']}, of {len(q.get('search', [])) or 1} configurations): val top-1 "
               f"{q['val']['int8_top1']:.4f} vs fp32 {q['val']['fp32_top1']:.4f} ({q['val']['drop_points']:+.2f} points "
               f"drop): gate {'passed' if q['passed'] else 'FAILED'}; test top-1 (reported) {q['test']['int8_top1']:.4f}"
               f" vs fp32 {q['test']['fp32_top1']:.4f}")

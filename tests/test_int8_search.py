@@ -30,9 +30,12 @@ from kdcompress.deploy.int8_search import (
     candidates,
     choose,
     depthwise_convs,
+    kept_fp32,
+    onnxruntime_graph,
     quantized_nodes,
     se_blocks,
     with_activations,
+    write_candidates,
 )
 from kdcompress.deploy.quantize import accuracy
 from kdcompress.deploy.ship import decide
@@ -80,7 +83,7 @@ def senet(tmp_path_factory):
     folder = tmp_path_factory.mktemp("senet")
     torch.manual_seed(0)
     fp32 = export(SENet(), folder / "se.onnx", [3, 16, 16])
-    return Quantizer(fp32, [images(8, 1, [3, 16, 16])], "minmax", folder / "work").graph
+    return fp32, Quantizer(fp32, [images(8, 1, [3, 16, 16])], "minmax", folder / "work")
 
 
 def test_candidates_are_deterministic_and_skip_what_changes_nothing(mobilenet):
@@ -116,6 +119,7 @@ def test_depthwise_exclusion_picks_exactly_the_depthwise_convs(mobilenet):
 
 
 def test_squeeze_excitation_and_hardswish_are_found(senet):
+    senet = senet[1].graph
     ops = {n.name: n for n in senet.graph.node}
     assert all(ops) and len(ops) == len(senet.graph.node)  # unnamed exporter nodes (hard-swish) were named
     se = se_blocks(senet)
@@ -125,6 +129,24 @@ def test_squeeze_excitation_and_hardswish_are_found(senet):
     assert sorted(ops[n].op_type for n in with_activations(senet, [stem.name])) == ["Conv", "HardSigmoid", "Mul"]
     names = [c.name for c in candidates(senet, True)]
     assert {"all_se_fp32", "all_dw_fp32", "conv_gemm_eltwise"} <= set(names)
+
+
+def test_exclusions_onnxruntime_undoes_are_dropped(mobilenet, senet, tmp_path):
+    """A ReLU depthwise conv between int8 neighbours is quantized again when onnxruntime loads the file
+    (DequantizeLinear -> Conv -> ReLU -> QuantizeLinear); a squeeze-excitation block's convs stay fp32."""
+    _, _, quantizer = mobilenet
+    configs = candidates(quantizer.graph, True)
+    files, timed_as, dropped = write_candidates(quantizer, configs, tmp_path / "mobilenet")
+    assert dropped == [c.name for c in configs if "dw_fp32" in c.name] and len(dropped) == 6
+    assert list(files) == list(timed_as) == [c.name for c in configs if c.name not in dropped]
+    assert set(timed_as.values()) == {"all"}  # nothing else to quantize here: the same QLinearConvs in all six
+    assert sorted(p.name for p in (tmp_path / "mobilenet").iterdir()) == sorted(f"{n}.onnx" for n in files)
+    fp32, se_quantizer = senet
+    se = next(c for c in candidates(se_quantizer.graph, True) if c.name == "all_se_fp32")
+    kept = {name: kept_fp32(onnxruntime_graph(path), se.exclude) for name, path in (
+        ("se", se_quantizer.write(se, tmp_path / "se.onnx")),
+        ("all", se_quantizer.write(Int8Config(), tmp_path / "all.onnx")), ("fp32", fp32))}
+    assert kept == {"se": 2, "all": 0, "fp32": 2}  # the block's two 1x1 convs
 
 
 @pytest.mark.parametrize("results, expected", [
@@ -146,30 +168,40 @@ def fake_logits(labels: np.ndarray, wrong: int) -> np.ndarray:
     return np.eye(len(CLASSES), dtype=np.float32)[(labels + (np.arange(len(labels)) < wrong)) % len(CLASSES)]
 
 
+DW3 = ("conv_gemm_dw_fp32", "conv_gemm_dw_fp32-per_tensor", "conv_gemm_dw_fp32-reduce_range")
+
+
 @pytest.mark.parametrize("timings, wrong, chosen", [
-    ({3: 0.5, 5: 0.3}, {5: 1}, 3),  # 5 is faster but fails the gate
-    ({2: 0.52, 6: 0.50}, {}, 2),  # the simpler within 5 %
-    ({}, {i: 2 for i in range(12)}, None),  # none passes: the simplest is written, fp32 ships
+    ({"all_se_fp32": 0.5, "conv_gemm_dw_fp32": 0.3}, {n: 1 for n in DW3}, "all_se_fp32"),  # faster ones fail
+    ({"conv_gemm": 0.3}, {"conv_gemm": 1}, "conv_gemm-per_tensor"),  # a weight variant: its scope's kernels
+    ({"conv_gemm": 0.52, "all_se_fp32": 0.50}, {}, "conv_gemm"),  # within 5 %: the simpler
+    ({"conv_gemm": 0.53, "all_se_fp32": 0.50}, {}, "all_se_fp32"),  # 6 % slower: the fastest
+    ({}, None, None),  # none passes: the simplest is written, fp32 ships
 ])
-def test_search_writes_the_chosen_candidate(mobilenet, tmp_path, monkeypatch, timings, wrong, chosen):
-    """Synthetic accuracies (1 wrong image in 100 = 1 point, over the 0.5-point gate) and timings."""
-    _, fp32, _ = mobilenet
-    (tmp_path / "student.onnx").write_bytes(fp32.read_bytes())
-    search = Search(tmp_path / "student.onnx", [images(16, 1)], QuantizeConfig(), tmp_path / "work", search=True)
-    names = list(search.configs)
-    monkeypatch.setattr(int8_search, "time_models", lambda paths, *a: {
-        name: timings.get(names.index(name), 1.0) if name in names else 0.4 for name in paths})
-    labels = np.arange(100) % len(CLASSES)
-    val = {"fp32": fake_logits(labels, 0), **{n: fake_logits(labels, wrong.get(i, 0)) for i, n in enumerate(names)}}
+def test_search_writes_the_chosen_candidate(senet, tmp_path, monkeypatch, timings, wrong, chosen):
+    """Synthetic accuracies (1 wrong image in 100 = 1 point, over the 0.5-point gate) and timings (by the
+    candidate whose kernels are timed), nothing timed: SENet's 18 candidates run 5 sets of kernels."""
+    fp32 = tmp_path / "student.onnx"
+    fp32.write_bytes(senet[0].read_bytes())
+    search = Search(fp32, [images(8, 1, [3, 16, 16])], QuantizeConfig(), tmp_path / "work", search=True)
+    names, timed = list(search.configs), []
+    assert sorted(set(search.timed_as.values())) == ["all", "all_dw_fp32", "all_se_fp32", "conv_gemm",
+                                                     "conv_gemm_dw_fp32"] and len(names) == 18
+    monkeypatch.setattr(int8_search, "block_runs", lambda path, shape, runs, rounds: 1)
+    monkeypatch.setattr(int8_search, "time_models", lambda paths, *a: timed.extend(paths) or {
+        name: timings.get(name, 1.0) if name != "fp32" else 0.4 for name in paths})
+    labels, wrong = np.arange(100) % len(CLASSES), {n: 2 for n in names} if wrong is None else wrong
+    val = {"fp32": fake_logits(labels, 0), **{n: fake_logits(labels, wrong.get(n, 0)) for n in names}}
     written = search.decide(val, labels)
-    expected = names[0] if chosen is None else names[chosen]
-    assert written == int8_path(tmp_path / "student.onnx") and written.read_bytes() == \
-        search.models[expected].read_bytes()
-    report = search.report({"fp32": val["fp32"], expected: val[expected]}, labels, 16)
-    assert report["chosen"] == (None if chosen is None else expected) and report["config"]["name"] == expected
+    assert sorted(timed) == sorted(["fp32", *set(search.timed_as.values())])  # each set of kernels once
+    expected = chosen or names[0]
+    assert written == int8_path(fp32) and written.read_bytes() == search.models[expected].read_bytes()
+    report = search.report({"fp32": val["fp32"], expected: val[expected]}, labels, 8)
+    assert report["chosen"] == chosen and report["config"]["name"] == expected
     assert report["passed"] == (chosen is not None) and report["fp32_p50_ms"] == 0.4
     assert [s["config"]["name"] for s in report["search"]] == names
-    assert [s["passed"] for s in report["search"]] == [wrong.get(i, 0) == 0 for i in range(len(names))]
+    assert [s["passed"] for s in report["search"]] == [wrong.get(n, 0) == 0 for n in names]
+    assert all(s["p50_ms"] == timings.get(search.timed_as[s["config"]["name"]], 1.0) for s in report["search"])
     assert decide(report, 0.4, 0.1)[0] == ("fp32" if chosen is None else "int8")
 
 
@@ -179,7 +211,7 @@ def stage_run(tmp_path_factory):
     timing with the fewest runs params allow: its folder, data and report."""
     tmp = tmp_path_factory.mktemp("stage")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["quantize"] |= {"search_runs": 10, "search_rounds": 1, "samples": 32}
+    params["quantize"] |= {"search_runs": 10, "search_rounds": 2, "samples": 32}
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
     torch.manual_seed(0)
     export(create_model("tinycnn", len(CLASSES), 1), tmp / "onnx" / "teacher.onnx")
@@ -201,7 +233,8 @@ def test_quantize_stage_writes_the_search_and_a_chosen_file(stage_run):
     tmp, data, report, run = stage_run
     student, teacher = report["student"], report["teacher"]
     names = [s["config"]["name"] for s in student["search"]]
-    assert names[0] == "all" and len(names) == len(set(names)) == 12
+    assert names[0] == "all" and len(names) == len(set(names)) == 6
+    assert len(student["search_dropped"]) == 6 and all("dw_fp32" in n for n in student["search_dropped"])
     assert all({"config", "p50_ms", "val_int8_top1", "drop_points", "passed"} <= set(s) for s in student["search"])
     assert student["passed"] == (student["chosen"] is not None) and student["config"]["name"] in names
     assert student["search_profile"]["threads"] == 1 and student["val"]["samples"] == 48
@@ -250,6 +283,7 @@ def test_ship_stage_cards_the_search(stage_run, tmp_path, monkeypatch):
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [r.split(" | ")[0].strip("| *") for r in rows] == [s["config"]["name"] for s in student["search"]]
     assert sum("**" in r for r in rows) == int8_ships
+    assert "Left out: " + ", ".join(f"`{n}`" for n in student["search_dropped"]) + ": onnxruntime" in table
     assert (f"The int8 candidate: **{student['chosen']}**" if int8_ships else "No configuration passed") in table
 
 

@@ -12,20 +12,25 @@ host's: another CPU, an ARM one above all, may choose differently."""
 from __future__ import annotations
 
 import json
+import math
+import tempfile
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from kdcompress.common.int8 import ALL_OP_TYPES, Int8Config, Quantizer, int8_path
-from kdcompress.common.onnx import METADATA_KEYS, read_metadata
+from kdcompress.common.onnx import INPUT_NAME, METADATA_KEYS, read_metadata, session
 from kdcompress.deploy.profiling import cpu_name, ort_latency
 from kdcompress.deploy.quantize import accuracy, gate
 from kdcompress.io import atomic_write
 
 SIMPLER_WITHIN = 0.05  # a simpler candidate at most 5 % slower than the fastest passing one wins
+BLOCK_MS = 5.0  # model time of one timing block, at least
 FOLDED = ("Relu", "Clip")  # activations the quantizer folds into the range of the op before them
 CONV_GEMM = ("Conv", "Gemm", "MatMul", *FOLDED)
 ELTWISE_POOL = (*CONV_GEMM, "Add", "Mul", "AveragePool", "GlobalAveragePool", "MaxPool")
@@ -123,14 +128,73 @@ def candidates(graph: onnx.ModelProto, per_channel: bool) -> list[Int8Config]:
     return out
 
 
-def time_models(paths: dict[str, Path], input_shape: list[int], runs: int, rounds: int) -> dict[str, float]:
-    """Batch-1, one-thread p50 (ms) of each model: the median over ``rounds`` interleaved rounds of
-    ``ort_latency`` (``runs`` timed runs each), so that a slow spell of a shared host hits all alike."""
-    p50: dict[str, list[float]] = {name: [] for name in paths}
+def onnxruntime_graph(path: Path) -> onnx.ModelProto:
+    """The graph onnxruntime runs for the file ``path`` after its hardware-independent optimisations
+    (level extended: the QDQ fusions into QLinearConv and the like; no layout change for this CPU)."""
+    with tempfile.TemporaryDirectory(prefix="kdcompress-int8-") as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.optimized_model_filepath, opts.log_severity_level = f"{tmp}/optimised.onnx", 3
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return onnx.load(f"{tmp}/optimised.onnx")
+
+
+def kept_fp32(graph: onnx.ModelProto, names: Iterable[str]) -> int:
+    """How many of the convolutions ``names`` still run in fp32 in ``graph`` (an ``onnxruntime_graph``):
+    a Conv between a DequantizeLinear and a QuantizeLinear (a ReLU or clip before the Q is folded into
+    it) gets its weights quantized when the file is loaded and runs as QLinearConv."""
+    names = set(names)
+    return sum(n.op_type in ("Conv", "FusedConv") and n.name in names for n in graph.graph.node)
+
+
+def write_candidates(quantizer: Quantizer, configs: list[Int8Config],
+                     folder: Path) -> tuple[dict[str, Path], dict[str, str], list[str]]:
+    """``(files, timed_as, dropped)``: each configuration's file in ``folder``, by name, but those that
+    leave convolutions in fp32 of which onnxruntime keeps none (``dropped``: the file would not run as it
+    says); for each file, the first configuration whose ``onnxruntime_graph`` runs the same kernels, whose
+    timing it shares (the weights' options, or a scope that quantizes nothing more, change numbers, not
+    kernels: timing them apart would let noise choose among equals)."""
+    files, timed_as, dropped, seen = {}, {}, [], {}
+    convs = {n.name for n in quantizer.graph.graph.node if n.op_type == "Conv"}
+    for c in configs:
+        path = quantizer.write(c, folder / f"{c.name}.onnx")
+        graph = onnxruntime_graph(path)
+        if convs & set(c.exclude) and not kept_fp32(graph, c.exclude):
+            dropped.append(c.name)
+            path.unlink()
+            continue
+        files[c.name] = path
+        timed_as[c.name] = seen.setdefault(tuple(n.op_type for n in graph.graph.node), c.name)
+    return files, timed_as, dropped
+
+
+def block_runs(path: Path, input_shape: list[int], runs: int, rounds: int) -> int:
+    """Timed runs per block for ``time_models``: ``runs`` spread over ``rounds`` blocks, and at least
+    ``BLOCK_MS`` of the model ``path`` (a short ``ort_latency`` probe), so that a 0.02-ms model's block
+    outlasts the timer's and the scheduler's granularity."""
+    probe = ort_latency(path, input_shape, 1, 1, 5, 20)["p50_ms"]
+    return max(math.ceil(runs / rounds), math.ceil(BLOCK_MS / probe))
+
+
+def time_models(paths: dict[str, Path], input_shape: list[int], block: int, rounds: int,
+                warmup: int = 2) -> dict[str, float]:
+    """Batch-1, one-thread p50 (ms) of each model on ``ort_latency``'s edge profile (the same session
+    options and input): ``rounds`` rounds in which each model in turn gets a fresh session, ``warmup``
+    untimed runs and ``block`` timed ones; the p50 over all its timed runs. On a shared host two effects
+    exceed the 5 % rule unless they fall on all models alike, as they do here: busy spells lasting seconds
+    and a session's memory placement (on the 2-core machine under load one file measured 35 to 59 us from
+    one ``ort_latency`` call to the next, and one session of a 0.03-ms model ran 40 % slower than another)."""
+    x = {INPUT_NAME: np.random.default_rng(0).standard_normal((1, *input_shape), dtype=np.float32)}
+    seconds: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(rounds):
         for name, path in paths.items():
-            p50[name].append(ort_latency(path, input_shape, 1, 1, max(runs // 5, 5), runs)["p50_ms"])
-    return {name: float(np.median(values)) for name, values in p50.items()}
+            sess = session(path, threads=1)
+            for i in range(warmup + block):
+                start = time.perf_counter()
+                sess.run(None, x)
+                if i >= warmup:
+                    seconds[name].append(time.perf_counter() - start)
+    return {name: float(np.median(values)) * 1e3 for name, values in seconds.items()}
 
 
 def choose(results: list[dict], within: float = SIMPLER_WITHIN) -> dict | None:
@@ -146,15 +210,17 @@ def choose(results: list[dict], within: float = SIMPLER_WITHIN) -> dict | None:
 
 class Search:
     """One role's int8 candidates, written in ``workdir`` at construction (``models``: fp32 and every
-    candidate's file, by name). ``decide`` gates them on val logits, times them when ``search`` is on,
-    and writes the chosen one as ``{role}.int8.onnx``; ``report`` adds the test figures (reported only)."""
+    candidate's file, by name; ``timed_as`` and ``dropped``: see ``write_candidates``). ``decide`` gates
+    them on val logits, times them when ``search`` is on, and writes the chosen one as
+    ``{role}.int8.onnx``; ``report`` adds the test figures (reported only)."""
 
     def __init__(self, fp32: str | Path, calibration: Iterable[np.ndarray], cfg, workdir: Path, search: bool):
         self.fp32, self.cfg, self.search = Path(fp32), cfg, search
         quantizer = Quantizer(fp32, calibration, cfg.calibration, workdir)
         configs = candidates(quantizer.graph, cfg.per_channel) if search else [Int8Config(per_channel=cfg.per_channel)]
-        self.configs = {c.name: c for c in configs}
-        self.models = {"fp32": self.fp32, **{c.name: quantizer.write(c, workdir / f"{c.name}.onnx") for c in configs}}
+        files, self.timed_as, self.dropped = write_candidates(quantizer, configs, workdir)
+        self.configs = {c.name: c for c in configs if c.name in files}
+        self.models = {"fp32": self.fp32, **files}
         self.written, self.chosen = configs[0].name, None
         self._val: dict[str, dict] = {}
         self._search: dict = {}
@@ -168,12 +234,16 @@ class Search:
                     "passed": gate(self._val[name], self.cfg.max_drop)["passed"]} for name, c in self.configs.items()]
         if self.search:
             shape = json.loads(read_metadata(self.fp32, METADATA_KEYS)["input_shape"])[1:]
-            p50 = time_models(self.models, shape, self.cfg.search_runs, self.cfg.search_rounds)
+            block = block_runs(self.fp32, shape, self.cfg.search_runs, self.cfg.search_rounds)
+            timed = {name: self.models[name] for name in ("fp32", *self.timed_as.values())}
+            p50 = time_models(timed, shape, block, self.cfg.search_rounds)
             for r in results:
-                r["p50_ms"] = p50[r["config"]["name"]]
-            self._search = {"search": results, "fp32_p50_ms": p50["fp32"], "search_profile": {
-                "cpu": cpu_name(), "batch": 1, "threads": 1, "runs": self.cfg.search_runs,
-                "rounds": self.cfg.search_rounds, "simpler_within": SIMPLER_WITHIN}}
+                r["timed_as"] = self.timed_as[r["config"]["name"]]
+                r["p50_ms"] = p50[r["timed_as"]]
+            profile = {"cpu": cpu_name(), "batch": 1, "threads": 1, "runs": block * self.cfg.search_rounds,
+                       "rounds": self.cfg.search_rounds, "simpler_within": SIMPLER_WITHIN}
+            self._search = {"search": results, "search_dropped": self.dropped, "fp32_p50_ms": p50["fp32"],
+                            "search_profile": profile}
         chosen = choose(results) if self.search else results[0] if results[0]["passed"] else None
         self.chosen = chosen["config"]["name"] if chosen else None
         self.written = self.chosen or results[0]["config"]["name"]

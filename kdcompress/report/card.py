@@ -91,8 +91,10 @@ def _search_table(quant: dict) -> list[str]:
 
     def row(s: dict) -> str:
         name = s["config"]["name"]
-        return (f"| {f'**{name}**' if name == chosen else name} | {s['p50_ms']:.4f} ({fp32 / s['p50_ms']:.2f}x) | "
-                f"{s['val_int8_top1']:.2%} | {s['drop_points']:.2f} | {'passed' if s['passed'] else 'failed'} |")
+        same = f", the kernels of {s['timed_as']}" if s.get("timed_as", name) != name else ""
+        return (f"| {f'**{name}**' if name == chosen else name} | {s['p50_ms']:.4f} ({fp32 / s['p50_ms']:.2f}x"
+                f"{same}) | {s['val_int8_top1']:.2%} | {s['drop_points']:.2f} | "
+                f"{'passed' if s['passed'] else 'failed'} |")
 
     verdict = (f"The int8 candidate: **{chosen}**, the fastest that passed the gate (among those within "
                f"{profile['simpler_within']:.0%} of it, the first in this order); it ships only if the benchmark "
@@ -100,9 +102,17 @@ def _search_table(quant: dict) -> list[str]:
                "No configuration passed the gate: no int8 candidate, fp32 ships.")
     return [
         "## int8 configurations searched (student)", "",
-        f"Each timed at batch {profile['batch']} on {profile['threads']} thread (p50, the median of "
-        f"{profile['rounds']} interleaved rounds of {profile['runs']} runs, on {profile['cpu']}; fp32 {fp32:.4f} ms) "
-        f"and gated on val, in order of simplicity. {SCOPES}.", "",
+        f"Each timed at batch {profile['batch']} on {profile['threads']} thread (p50 of {profile['runs']} runs in "
+        f"{profile['rounds']} blocks, interleaved with the other candidates', on {profile['cpu']}; fp32 {fp32:.4f} ms) "
+        f"and gated on val, in order of simplicity; a candidate whose onnxruntime graph runs the same kernels as "
+        f"a simpler one shares its timing. {SCOPES}.", "",
         "| configuration | batch-1 p50 ms (vs fp32) | val int8 top-1 (decision) | drop (points) | gate |",
-        "| --- | --- | --- | --- | --- |", *map(row, quant["search"]), "", verdict, ""]
+        "| --- | --- | --- | --- | --- |", *map(row, quant["search"]), "", *_dropped(quant), verdict, ""]
+
+
+def _dropped(quant: dict) -> list[str]:
+    names = quant.get("search_dropped")
+    return [f"Left out: {', '.join(f'`{n}`' for n in names)}: onnxruntime would run none of their fp32 convolutions "
+            "in fp32 (a Conv between a DequantizeLinear and a QuantizeLinear, a ReLU before the Q folded into it, gets "
+            "its weights quantized when the file is loaded).", ""] if names else []
 
