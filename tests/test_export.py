@@ -13,7 +13,8 @@ from models import MODELS, create_model
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", sorted(m for m in MODELS if m != "tv") + ["tv:mobilenet_v3_small"])
+@pytest.mark.parametrize("arch", sorted(m for m in MODELS if m not in ("tv", "timm")) + ["tv:mobilenet_v3_small",
+                                                                                      "timm:mobilenetv3_small_050"])
 def test_export_parity_every_model(tmp_path, arch):
     model = create_model(arch, 10, 3).eval()
     with torch.no_grad():  # non-trivial BN statistics, so folding them is actually tested
