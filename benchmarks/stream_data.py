@@ -1,8 +1,8 @@
 """Memory vs stream storage of an image folder: the peak memory and time of prepare and of one training
 epoch, and the throughput of a distillation step and of the loader alone.
 
-    python benchmarks/stream_data.py --folders /work/photos/p2k /work/photos/p8k /work/photos/p32k \\
-        --image-size 224 --throughput-folder /work/photos/p8k --throughput-size 112 \\
+    python benchmarks/stream_data.py --folders photos/p2k photos/p8k photos/p32k \\
+        --image-size 224 --throughput-folder photos/p8k --throughput-size 112 \\
         --json benchmarks/results/stream_data.json
 
 (image folders made by benchmarks/photo_folder.py). Part 1, for each folder and storage (data.storage: memory,
