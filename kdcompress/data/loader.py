@@ -11,6 +11,7 @@ import torch
 from kdcompress.data.prepared import Prepared, Split
 from kdcompress.data.stream import FileSplit, StreamLoader
 from kdcompress.data.transforms import (
+    BatchSource,
     Geometry,
     box_in_pixels,
     epoch_batches,
@@ -24,7 +25,7 @@ from kdcompress.data.transforms import (
 __all__ = ["BatchLoader", "epoch_generator", "make_loader"]
 
 
-class BatchLoader:
+class BatchLoader(BatchSource):
     """Batches of (x, y, index) from a uint8 split held on ``device``.
 
     ``x`` is float, normalised with the data set's mean/std and in channels_last memory format.
@@ -40,19 +41,8 @@ class BatchLoader:
     def __init__(self, split: Split, mean: list[float], std: list[float], device: torch.device | str = "cpu",
                  batch_size: int = 128, crop_padding: int = 0, hflip: bool = False, seed: int = 0,
                  geometry: Geometry = Geometry()):
+        super().__init__(split.labels, mean, std, device, batch_size, crop_padding, hflip, seed, geometry)
         self.images = split.images.to(device)
-        self.labels = split.labels.to(device)
-        self.device = torch.device(device)
-        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
-        self.batch_size = batch_size
-        self.crop_padding = crop_padding
-        self.hflip = hflip
-        self.seed = seed
-        self.geometry = geometry
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -64,10 +54,6 @@ class BatchLoader:
         batch size."""
         return BatchLoader(Split(self.images, self.labels), self.mean.flatten().tolist(), self.std.flatten().tolist(),
                            self.device, batch_size=batch_size, seed=self.seed, geometry=self.geometry)
-
-    def num_batches(self, n: int | None = None) -> int:
-        n = len(self) if n is None else n
-        return (n + self.batch_size - 1) // self.batch_size
 
     def batches(self, indices: torch.Tensor | None = None, shuffle: bool = False, augment: bool = False,
                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None, epoch: int = 0,
@@ -81,7 +67,7 @@ class BatchLoader:
                 x = self.augment(x, *(d[b] for d in draws))
             if transform is not None:
                 x = transform(x)
-            x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+            x = self.normalise(x)
             yield x, self.labels[b], b
 
     def augmentation(self, epoch: int) -> tuple[torch.Tensor, ...]:

@@ -21,6 +21,7 @@ from PIL import Image
 
 from kdcompress.data.prepared import FileSplit
 from kdcompress.data.transforms import (
+    BatchSource,
     Geometry,
     box_in_pixels,
     epoch_batches,
@@ -113,7 +114,7 @@ def _shutdown(loader: torch.utils.data.DataLoader) -> None:
         _stop(loader._iterator)
 
 
-class StreamLoader:
+class StreamLoader(BatchSource):
     """Batches of (x, y, index) decoded from the files of ``split`` by ``workers`` DataLoader worker
     processes (0: in the main process), with the interface and semantics of ``BatchLoader``.
 
@@ -131,23 +132,12 @@ class StreamLoader:
             raise ValueError("a streamed split needs geometry.size, the side its images are decoded to")
         if len(split.files) != len(split.labels):
             raise ValueError(f"{len(split.files)} files but {len(split.labels)} labels")
+        super().__init__(split.labels, mean, std, device, batch_size, crop_padding, hflip, seed, geometry)
         self.split = split
-        self.labels = split.labels.to(device)
-        self.device = torch.device(device)
-        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
-        self.batch_size = batch_size
-        self.crop_padding = crop_padding
-        self.hflip = hflip
-        self.seed = seed
-        self.geometry = geometry
         self.channels = channels
         self.workers = workers
         self._persistent: tuple[torch.utils.data.DataLoader, _Plan, weakref.finalize] | None = None
         self._busy = False  # a pass of the persistent DataLoader is in progress
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -159,10 +149,6 @@ class StreamLoader:
         return StreamLoader(self.split, self.mean.flatten().tolist(), self.std.flatten().tolist(), self.device,
                             batch_size=batch_size, seed=self.seed, geometry=self.geometry, channels=self.channels,
                             workers=self.workers)
-
-    def num_batches(self, n: int | None = None) -> int:
-        n = len(self) if n is None else n
-        return (n + self.batch_size - 1) // self.batch_size
 
     def batches(self, indices: torch.Tensor | None = None, shuffle: bool = False, augment: bool = False,
                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None, epoch: int = 0,
@@ -181,7 +167,7 @@ class StreamLoader:
                 x = x.to(self.device, non_blocking=True).float().div_(255.0)
                 if transform is not None:
                     x = transform(x)
-                x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+                x = self.normalise(x)
                 b = b.to(self.device)
                 yield x, self.labels[b], b
         except DecodeFailed as e:

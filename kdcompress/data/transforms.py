@@ -135,3 +135,31 @@ def resized_crop_batch(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor,
     theta[:, 1, 1], theta[:, 1, 2] = y1 - y0, y0 + y1 - 1
     grid = torch.nn.functional.affine_grid(theta, [len(x), x.shape[1], oh, ow], align_corners=False)
     return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class BatchSource:
+    """What both loaders share (``BatchLoader`` in memory, ``StreamLoader`` from files): the labels on
+    the device, the normalisation, the batch size and the augmentation settings."""
+
+    def __init__(self, labels: torch.Tensor, mean: list[float], std: list[float], device: torch.device | str,
+                 batch_size: int, crop_padding: int, hflip: bool, seed: int, geometry: Geometry):
+        self.labels = labels.to(device)
+        self.device = torch.device(device)
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.batch_size = batch_size
+        self.crop_padding = crop_padding
+        self.hflip = hflip
+        self.seed = seed
+        self.geometry = geometry
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def num_batches(self, n: int | None = None) -> int:
+        n = len(self) if n is None else n
+        return (n + self.batch_size - 1) // self.batch_size
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """A float batch in [0, 1] as the model's input: normalised per channel, channels_last."""
+        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
