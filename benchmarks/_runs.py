@@ -110,8 +110,8 @@ def run_student(name: str, out_root: Path, overrides: dict, params_path: str = "
         steps += [(export, "export.json", params_arg + teacher_arg + student + [
                       "--evaluation", files["evaluate.json"], "--out", files["onnx"],
                       "--metrics", files["export.json"]]),
-                  (quantize, "quantize.json", params_arg + student + ["--onnx", files["onnx"], "--metrics",
-                                                                      files["quantize.json"]]),
+                  (quantize, "quantize.json", params_arg + teacher_arg + student + [
+                      "--onnx", files["onnx"], "--metrics", files["quantize.json"]]),
                   (benchmark, "benchmark.json", params_arg + student + ["--onnx", files["onnx"], "--metrics",
                                                                         files["benchmark.json"]]),
                   (ship_stage, "summary.json", student + [

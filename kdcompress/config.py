@@ -200,6 +200,8 @@ class QuantizeConfig:
     search: bool = True  # the student's int8: the fastest of a bounded list of configurations that passes the gate
     search_runs: int = _opt(200, lo=10)  # timed batch-1 runs per candidate, at least (blocks of >= 5 ms)
     search_rounds: int = _opt(20, lo=1)  # interleaved blocks of runs per candidate (p50 over all)
+    qat_epochs: int = _opt(0, lo=0)  # > 0: also quantization-aware fine-tuning under the distillation loss
+    qat_lr: float = _opt(0.005, lo=0.0, lo_open=True)  # its learning rate (cosine over qat_epochs)
 
 
 @dataclass(frozen=True)

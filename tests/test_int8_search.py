@@ -183,7 +183,7 @@ def test_search_writes_the_chosen_candidate(senet, tmp_path, monkeypatch, timing
     candidate whose kernels are timed), nothing timed: SENet's 18 candidates run 5 sets of kernels."""
     fp32 = tmp_path / "student.onnx"
     fp32.write_bytes(senet[0].read_bytes())
-    search = Search(fp32, [images(8, 1, [3, 16, 16])], QuantizeConfig(), tmp_path / "work", search=True)
+    search = Search(fp32, lambda: [images(8, 1, [3, 16, 16])], QuantizeConfig(), tmp_path / "work", search=True)
     names, timed = list(search.configs), []
     assert sorted(set(search.timed_as.values())) == ["all", "all_dw_fp32", "all_se_fp32", "conv_gemm",
                                                      "conv_gemm_dw_fp32"] and len(names) == 18
@@ -240,6 +240,9 @@ def test_quantize_stage_writes_the_search_and_a_chosen_file(stage_run):
     assert student["search_profile"]["threads"] == 1 and student["val"]["samples"] == 48
     assert student["test"]["samples"] == 40 and "test" not in json.dumps(student["search"])
     assert "search" not in teacher and teacher["config"]["name"] == "all"  # the teacher keeps one configuration
+    naive = next(s for s in student["search"] if s["config"]["name"] == "all")  # reported beside the written one
+    assert set(student["compared"]) == {"all"} and student["compared"]["all"]["val_int8_top1"] == naive["val_int8_top1"]
+    assert "qat" not in student and student["source"] == "ptq"
     fp32, int8 = tmp / "onnx" / "student.onnx", int8_path(tmp / "onnx" / "student.onnx")
     meta = read_metadata(int8, METADATA_KEYS)
     assert read_metadata(fp32).items() <= meta.items() and meta["kdcompress.precision"] == "int8"
@@ -290,6 +293,6 @@ def test_ship_stage_cards_the_search(stage_run, tmp_path, monkeypatch):
 def test_search_off_is_the_single_configuration(mobilenet, tmp_path):
     _, fp32, _ = mobilenet
     (tmp_path / "student.onnx").write_bytes(fp32.read_bytes())
-    search = Search(tmp_path / "student.onnx", [images(16, 1)], replace(QuantizeConfig(), search=False),
+    search = Search(tmp_path / "student.onnx", lambda: [images(16, 1)], replace(QuantizeConfig(), search=False),
                     tmp_path / "work", search=False)
     assert list(search.models) == ["fp32", "all"] and search.configs["all"] == Int8Config(per_channel=True)

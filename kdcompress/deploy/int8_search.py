@@ -11,12 +11,13 @@ host's: another CPU, an ARM one above all, may choose differently."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -147,14 +148,16 @@ def kept_fp32(graph: onnx.ModelProto, names: Iterable[str]) -> int:
     return sum(n.op_type in ("Conv", "FusedConv") and n.name in names for n in graph.graph.node)
 
 
-def write_candidates(quantizer: Quantizer, configs: list[Int8Config],
-                     folder: Path) -> tuple[dict[str, Path], dict[str, str], list[str]]:
+def write_candidates(quantizer: Quantizer, configs: list[Int8Config], folder: Path,
+                     seen: dict | None = None) -> tuple[dict[str, Path], dict[str, str], list[str]]:
     """``(files, timed_as, dropped)``: each configuration's file in ``folder``, by name, but those that
     leave convolutions in fp32 of which onnxruntime keeps none (``dropped``: the file would not run as it
     says); for each file, the first configuration whose ``onnxruntime_graph`` runs the same kernels, whose
     timing it shares (the weights' options, or a scope that quantizes nothing more, change numbers, not
-    kernels: timing them apart would let noise choose among equals)."""
-    files, timed_as, dropped, seen = {}, {}, [], {}
+    kernels: timing them apart would let noise choose among equals). ``seen`` (kernels -> configuration)
+    carries that over from another call, so a fine-tuned model's candidates share the timings of the
+    original's."""
+    files, timed_as, dropped, seen = {}, {}, [], {} if seen is None else seen
     convs = {n.name for n in quantizer.graph.graph.node if n.op_type == "Conv"}
     for c in configs:
         path = quantizer.write(c, folder / f"{c.name}.onnx")
@@ -210,18 +213,30 @@ def choose(results: list[dict], within: float = SIMPLER_WITHIN) -> dict | None:
 
 class Search:
     """One role's int8 candidates, written in ``workdir`` at construction (``models``: fp32 and every
-    candidate's file, by name; ``timed_as`` and ``dropped``: see ``write_candidates``). ``decide`` gates
-    them on val logits, times them when ``search`` is on, and writes the chosen one as
-    ``{role}.int8.onnx``; ``report`` adds the test figures (reported only)."""
+    candidate's file, by name; ``timed_as`` and ``dropped``: see ``write_candidates``). With ``qat`` (the
+    same model after quantization-aware fine-tuning, kdcompress.training.qat, as fp32 ONNX) the same list
+    of configurations of that file follows, named ``qat-<configuration>``: after the post-training ones
+    in the order of simplicity, and gated against the original fp32 model. ``calibration()`` gives the
+    calibration batches (once per source). ``decide`` gates them on val logits, times them when
+    ``search`` is on, and writes the chosen one as ``{role}.int8.onnx``; ``report`` adds the test figures
+    (reported only)."""
 
-    def __init__(self, fp32: str | Path, calibration: Iterable[np.ndarray], cfg, workdir: Path, search: bool):
+    def __init__(self, fp32: str | Path, calibration: Callable[[], Iterable[np.ndarray]], cfg, workdir: Path,
+                 search: bool, qat: Path | None = None):
         self.fp32, self.cfg, self.search = Path(fp32), cfg, search
-        quantizer = Quantizer(fp32, calibration, cfg.calibration, workdir)
-        configs = candidates(quantizer.graph, cfg.per_channel) if search else [Int8Config(per_channel=cfg.per_channel)]
-        files, self.timed_as, self.dropped = write_candidates(quantizer, configs, workdir)
-        self.configs = {c.name: c for c in configs if c.name in files}
-        self.models = {"fp32": self.fp32, **files}
-        self.written, self.chosen = configs[0].name, None
+        self.configs, self.models, self.timed_as, self.dropped = {}, {"fp32": self.fp32}, {}, []
+        seen: dict = {}
+        for prefix, source in (("", self.fp32), *((("qat-", qat),) if qat else ())):
+            quantizer = Quantizer(source, calibration(), cfg.calibration, workdir / ("qat" if prefix else "ptq"))
+            configs = (candidates(quantizer.graph, cfg.per_channel) if search
+                       else [Int8Config(per_channel=cfg.per_channel)])
+            configs = [dataclasses.replace(c, name=prefix + c.name) for c in configs]
+            files, timed_as, dropped = write_candidates(quantizer, configs, workdir, seen)
+            self.configs.update({c.name: c for c in configs if c.name in files})
+            self.models.update(files)
+            self.timed_as.update(timed_as)
+            self.dropped += dropped
+        self.written, self.chosen = next(iter(self.configs)), None
         self._val: dict[str, dict] = {}
         self._search: dict = {}
 
@@ -244,7 +259,7 @@ class Search:
                        "rounds": self.cfg.search_rounds, "simpler_within": SIMPLER_WITHIN}
             self._search = {"search": results, "search_dropped": self.dropped, "fp32_p50_ms": p50["fp32"],
                             "search_profile": profile}
-        chosen = choose(results) if self.search else results[0] if results[0]["passed"] else None
+        chosen = choose(results) if self.search else next((r for r in results if r["passed"]), None)
         self.chosen = chosen["config"]["name"] if chosen else None
         self.written = self.chosen or results[0]["config"]["name"]
         return atomic_write(int8_path(self.fp32), self.models[self.written].read_bytes())
@@ -258,7 +273,8 @@ class Search:
         return {"val": val, "test": accuracy(test_logits["fp32"], test_logits[self.written], labels),
                 **gate(val, self.cfg.max_drop), "calibration": self.cfg.calibration,
                 "calibration_samples": calibration_samples, "per_channel": config.per_channel,
-                "chosen": self.chosen, "config": config.describe(), **self._search}
+                "chosen": self.chosen, "source": "qat" if self.written.startswith("qat-") else "ptq",
+                "config": config.describe(), **self._search}
 
 
 def for_tracking(report: dict) -> dict:

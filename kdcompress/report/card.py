@@ -107,7 +107,23 @@ def _search_table(quant: dict) -> list[str]:
         f"and gated on val, in order of simplicity; a candidate whose onnxruntime graph runs the same kernels as "
         f"a simpler one shares its timing. {SCOPES}.", "",
         "| configuration | batch-1 p50 ms (vs fp32) | val int8 top-1 (decision) | drop (points) | gate |",
-        "| --- | --- | --- | --- | --- |", *map(row, quant["search"]), "", *_dropped(quant), verdict, ""]
+        "| --- | --- | --- | --- | --- |", *map(row, quant["search"]), "", *_dropped(quant), *_qat(quant), verdict, ""]
+
+
+def _qat(quant: dict) -> list[str]:
+    """Where the int8 file comes from, when quantization-aware fine-tuning ran (quantize.qat_epochs)."""
+    if "qat" not in quant:
+        return []
+    q, c = quant["qat"], quant["compared"]
+    source = ("quantization-aware fine-tuning (a `qat-` configuration)" if quant["source"] == "qat" else
+              "post-training quantization of the distilled student")
+    return [f"`qat-` configurations: the student after {q['epochs']} epochs of quantization-aware fine-tuning under "
+            f"its distillation loss (lr {q['lr']:g}; fake-quantized val top-1 {q['fake_quant_val_top1']:.2%}; its "
+            f"`qat-all` file agrees with the fake-quantized model on {q['parity']['top1_agreement']:.2%} of val "
+            f"images). In configuration `all`, post-training int8 val top-1 {c['all']['val_int8_top1']:.2%}, "
+            f"quantization-aware {c['qat-all']['val_int8_top1']:.2%} (test, reported: "
+            f"{c['all']['test_int8_top1']:.2%} and {c['qat-all']['test_int8_top1']:.2%}). The int8 file written "
+            f"comes from {source}.", ""]
 
 
 def _dropped(quant: dict) -> list[str]:
