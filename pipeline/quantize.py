@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from kdcompress.common import tracking
 from kdcompress.common.int8 import calibration_batches
+from kdcompress.common.onnx import METADATA_KEYS, read_metadata
 from kdcompress.data.loader import make_loader
 from kdcompress.data.prepared import load_prepared
 from kdcompress.deploy.int8_search import for_tracking
@@ -23,6 +24,8 @@ def main(argv=None):
                          student="artifacts/student/student.pt", teacher="artifacts/teacher/teacher.pt",
                          metrics="artifacts/metrics/quantize.json")
     cfg, seed, workers = params["quantize"], params["base"].seed, params["data"].workers
+    for role in ("student", "teacher"):  # a bad file fails before any work
+        read_metadata(f"{args.onnx}/{role}.onnx", METADATA_KEYS)
     data = load_prepared(args.data, splits=("train", *SPLITS))
     calibration = make_loader(data, "train", "cpu", 64, workers=workers)
     report = quantize_twins(
