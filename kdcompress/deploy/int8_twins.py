@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcompress.common.onnx import METADATA_KEYS, ort_predict_many, read_metadata
+from kdcompress.common.onnx import ort_predict_many
 from kdcompress.deploy.int8_search import Search
 from kdcompress.deploy.quantize import accuracy
 
@@ -27,14 +27,13 @@ def quantize_twins(cfg, onnx_dir: str | Path, labels: dict[str, np.ndarray],
                    batches: Callable[[str], Iterable[np.ndarray]], calibration: Callable[[], Iterable[np.ndarray]],
                    calibration_samples: int, fine_tune: Callable[[Path], tuple[Path, dict, np.ndarray]] | None = None
                    ) -> dict:
-    """The quantize.json report of both roles (``cfg``: the quantize section); writes ``<role>.int8.onnx``
+    """The quantize.json report of both roles (``cfg``: the quantize section; the caller checks the files'
+    metadata); writes ``<role>.int8.onnx``
     beside ``onnx_dir/<role>.onnx``. ``batches(split)``: the split's normalised images in order (``labels``:
     theirs, val and test); ``calibration()``: the calibration batches (``calibration_samples`` images);
     ``fine_tune(folder)``: the fine-tuned
     student as fp32 ONNX in ``folder``, its summary and its fake-quantized val logits."""
     onnx_files = {role: Path(onnx_dir) / f"{role}.onnx" for role in ("student", "teacher")}
-    for path in onnx_files.values():
-        read_metadata(path, METADATA_KEYS)
     with tempfile.TemporaryDirectory(prefix="kdcompress-int8-") as tmp:
         fine_tuned, fine_summary, fine_logits = fine_tune(Path(tmp)) if fine_tune else (None, None, None)
         searches = {role: Search(fp32, calibration, cfg, Path(tmp) / role, search=cfg.search and role == "student",
