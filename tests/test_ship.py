@@ -32,20 +32,39 @@ def export(model, path: Path) -> Path:
 
 
 def images(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, *SHAPE), dtype=np.float32)
+    """Noise with one bright quadrant, the quadrant being the class (n // 4 of each)."""
+    x = np.random.default_rng(seed).standard_normal((n, *SHAPE), dtype=np.float32)
+    for i in range(n):
+        row, col = divmod(i % len(CLASSES), 2)
+        x[i, :, 8 * row:8 * row + 8, 8 * col:8 * col + 8] += 1.5
+    return x
+
+
+def trained_tinycnn() -> torch.nn.Module:
+    """A TinyCNN trained to tell the quadrants apart: its logits have margins int8 can keep (a random
+    net's top two logits are ~0.01 apart, under int8's rounding, so its argmax is noise)."""
+    torch.manual_seed(0)
+    model = create_model("tinycnn", len(CLASSES), 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for step in range(60):
+        x = torch.from_numpy(images(32, 100 + step))
+        loss = torch.nn.functional.cross_entropy(model(x), torch.arange(32) % len(CLASSES))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
-    """A random TinyCNN and the same net with +1000 on every class's bias (the same argmax in fp32, but
-    int8 activations over [0, 1000] cannot resolve the logits' differences): fp32 and int8 logits of both."""
+    """A trained TinyCNN and the same net with +100,000 on every class's bias (the same argmax in fp32, but
+    int8 activations over [0, 1e5] cannot resolve the logits' differences): fp32 and int8 logits of both."""
     folder = tmp_path_factory.mktemp("quant")
-    torch.manual_seed(0)
-    good = create_model("tinycnn", len(CLASSES), 1)
+    good = trained_tinycnn()
     bad = create_model("tinycnn", len(CLASSES), 1)
     bad.load_state_dict(good.state_dict())
     with torch.no_grad():
-        bad.head.bias += 1000.0
+        bad.head.bias += 1e5
     test = [images(64, 1), images(64, 2)]
     out = {}
     for name, model in (("good", good), ("bad", bad)):
