@@ -27,6 +27,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from kdcompress.common.host import cpu_name
 from kdcompress.common.int8 import Quantizer
 from kdcompress.common.onnx import INPUT_NAME, save_onnx, to_onnx
 from kdcompress.deploy.int8_search import (
@@ -37,7 +38,7 @@ from kdcompress.deploy.int8_search import (
     with_activations,
     write_candidates,
 )
-from kdcompress.deploy.profiling import count_macs, cpu_name
+from kdcompress.deploy.profiling import count_macs
 from kdcompress.io import write_json
 from models import create_model
 

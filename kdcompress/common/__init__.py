@@ -1,2 +1,2 @@
 """What several subpackages need, in one lower place: ONNX conversion and onnxruntime sessions, static
-int8 quantization, checkpoints, processes (torchrun/DDP) and MLflow tracking."""
+int8 quantization, checkpoints, the host CPU, processes (torchrun/DDP) and MLflow tracking."""

@@ -24,9 +24,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from kdcompress.common.host import cpu_name
 from kdcompress.common.int8 import ALL_OP_TYPES, Int8Config, Quantizer, int8_path
 from kdcompress.common.onnx import INPUT_NAME, METADATA_KEYS, read_metadata, session
-from kdcompress.deploy.profiling import cpu_name, ort_latency
+from kdcompress.deploy.profiling import ort_latency
 from kdcompress.deploy.quantize import accuracy, gate
 from kdcompress.io import atomic_write
 

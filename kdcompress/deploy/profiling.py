@@ -17,6 +17,7 @@ import onnxruntime as ort
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from kdcompress.common.host import cpu_name
 from kdcompress.common.int8 import int8_path
 from kdcompress.common.onnx import INPUT_NAME, METADATA_KEYS, read_metadata, session
 
@@ -122,16 +123,6 @@ def onnx_size(path: str | Path) -> int:
 def onnx_opset(path: str | Path) -> int:
     opsets = onnx.load(str(path), load_external_data=False).opset_import
     return max(o.version for o in opsets if o.domain in ("", "ai.onnx"))
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment() -> dict[str, str | int]:
