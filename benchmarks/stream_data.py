@@ -52,7 +52,7 @@ from kdcompress.data.loader import make_loader
 from kdcompress.data.prepared import load_prepared
 from kdcompress.io import write_json
 from kdcompress.methods import build_loss
-from kdcompress.runtime import resolve_device, seed_everything
+from kdcompress.runtime import resolve_device, resolve_precision, seed_everything
 from kdcompress.training.distiller import Distiller
 from kdcompress.training.loop import fit
 from kdcompress.training.selection import FullData
@@ -184,7 +184,8 @@ def train_epoch(params_path: str, data_dir: str, steps: int, batch_size: int, mo
     model = create_model(model_name, len(data.classes), data.input_shape[0])
     model = model.to(device, memory_format=torch.channels_last)
     samples = min(len(train), steps * batch_size)
-    result = fit(Distiller(model), train, val, FullData(samples), cfg, precision=base.precision)
+    precision = resolve_precision(cfg.precision, model, device)[0]
+    result = fit(Distiller(model), train, val, FullData(samples), cfg, precision=precision)
     seconds = result.history[-1]["epoch_seconds"]
     return {"model": model_name, "workers": workers if data.storage == "stream" else 0, "batch_size": batch_size,
             "steps": train.num_batches(samples), "samples": samples, "epoch_seconds": round(seconds, 2),

@@ -51,6 +51,11 @@ def _base_type(hint) -> type:
     return args[0] if args else hint
 
 
+# keys that moved, with the one line that says where to
+MOVED = {"base.precision": "base.precision: moved to teacher.precision and distill.precision (each auto, fp32, bf16 "
+                           "or fp16), so teacher and student can train in different precisions"}
+
+
 def parse_section(cls, name: str, raw: Any):
     """Build dataclass ``cls`` from the mapping ``raw`` of params section ``name``."""
     if raw is None:
@@ -60,6 +65,9 @@ def parse_section(cls, name: str, raw: Any):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(raw) - set(fields))
+    moved = [MOVED[f"{name}.{k}"] for k in unknown if f"{name}.{k}" in MOVED]
+    if moved:
+        raise UserError(moved[0])
     if unknown:
         raise UserError(f"{name}.{unknown[0]}: unknown key; allowed: {', '.join(sorted(fields))}")
     values = {k: v if v is None and _optional(hints[k]) else
@@ -72,7 +80,6 @@ class BaseConfig:
     seed: int = _opt(0, lo=0)
     device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
     num_threads: int = _opt(0, lo=0)  # 0: all cores
-    precision: str = _opt("fp32", choices=("fp32", "bf16", "fp16"))  # training under autocast (fp16: + GradScaler)
     nproc: int = _opt(1, lo=1)  # processes per machine for teacher and distill (DDP; NCCL on CUDA, gloo on the CPU)
     nnodes: int = _opt(1, lo=1)  # machines for teacher and distill, each running nproc processes
     rdzv_endpoint: str = ""  # host:port of the c10d rendezvous on the first machine; needed (only) when nnodes > 1
@@ -123,6 +130,8 @@ class TrainConfig:
     crop_padding: int = _opt(2, lo=0)
     hflip: bool = True
     eval_batch_size: int = _opt(1024, lo=1)
+    # the forward under autocast (fp16: + GradScaler); auto: runtime.resolve_precision's fixed rule
+    precision: str = _opt("fp32", choices=("auto", "fp32", "bf16", "fp16"))
 
 
 @dataclass(frozen=True)

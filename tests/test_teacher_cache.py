@@ -255,7 +255,8 @@ def run_params(**sections) -> dict:
 
 def keys_of(folder: Path, params: dict) -> tuple[str, str]:
     paths = SimpleNamespace(teacher=folder / "teacher.pt", data=folder / "data")
-    cache, clean = teacher_caches(params, paths, FakeNet(), torch.device("cpu"), 8, frozenset({"logits"}))
+    cache, clean = teacher_caches(params, paths, FakeNet(), torch.device("cpu"), 8, frozenset({"logits"}),
+                                  params["distill"].precision)
     return cache.folder.name, clean.folder.name
 
 
@@ -270,7 +271,7 @@ def test_settings_that_cannot_change_a_teacher_output_leave_the_keys_alone(run_f
 
 @pytest.mark.parametrize("relevant, changes", [
     ({"base": {"seed": 1}}, (True, True)),  # the augmentation's seed, and the int8 calibration sample's
-    ({"base": {"precision": "bf16"}}, (True, False)),  # the clean pass runs outside autocast
+    ({"distill": {"precision": "bf16"}}, (True, False)),  # the clean pass runs outside autocast
     ({"distill": {"crop_padding": 0}}, (True, False)),
     ({"quantize": {"samples": 64}}, (False, True)),
     ({"quantize": {"calibration": "entropy"}}, (False, True)),

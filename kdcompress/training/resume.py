@@ -113,10 +113,12 @@ class ResumePoint:
 
 
 def resume_point(path: str, stage_name: str, params: dict, sections: tuple[str, ...],
-                 inputs: list[str]) -> tuple[ResumePoint, dict | None]:
+                 inputs: list[str], **resolved) -> tuple[ResumePoint, dict | None]:
     """The stage's resume file and the state a killed run with the same params ``sections``, input
-    files and code left in it (None: start fresh; the MLflow run of a stale file is marked KILLED)."""
+    files and code left in it (None: start fresh; the MLflow run of a stale file is marked KILLED).
+    ``resolved``: what the params leave to the host (e.g. ``precision`` for ``auto``), keyed too."""
     used = {k: dataclasses.asdict(params[k]) if dataclasses.is_dataclass(params[k]) else params[k] for k in sections}
+    used["resolved"] = resolved
     point = ResumePoint(path, run_key(stage_name, used, inputs))
     state = point.load()
     if point.stale_run_id and distributed.is_main():

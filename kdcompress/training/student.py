@@ -17,7 +17,7 @@ from kdcompress.data.loader import make_loader
 from kdcompress.data.prepared import load_prepared
 from kdcompress.io import save_figure, write_csv, write_json
 from kdcompress.methods import build_loss, check_methods
-from kdcompress.runtime import resolve_device
+from kdcompress.runtime import resolve_device, resolve_precision
 from kdcompress.training import curves
 from kdcompress.training.distiller import Distiller
 from kdcompress.training.loop import fit
@@ -30,17 +30,17 @@ from kdcompress.types import UserError
 
 
 def teacher_caches(params: dict, paths: SimpleNamespace, teacher, device: torch.device, num_samples: int,
-                   parts: frozenset[str] | None) -> tuple[TeacherCache | None, TeacherCache | None]:
+                   parts: frozenset[str] | None, precision: str) -> tuple[TeacherCache | None, TeacherCache | None]:
     """The run's teacher-output caches (None: off): of the training view (augmented, under fit()'s
-    autocast), and of SAKD's first difficulty pass (clean images, outside autocast, the same for every
-    run of a sweep). Their keys take only what can change the teacher's outputs (``for_run``)."""
+    autocast in ``precision``), and of SAKD's first difficulty pass (clean images, outside autocast, the
+    same for every run of a sweep). Their keys take only what can change the teacher's outputs (``for_run``)."""
     cfg, seed = params["distill"], params["base"].seed
     if not cfg.teacher_cache or distributed.world()[1] > 1:  # ranks would each store their share
         return None, None
     cache = clean = None
     if TeacherCache.usable(parts):
         cache = for_run(paths.teacher, paths.data, teacher, device, num_samples, parts,
-                        autocast=params["base"].precision, seed=seed, crop_padding=cfg.crop_padding, hflip=cfg.hflip)
+                        autocast=precision, seed=seed, crop_padding=cfg.crop_padding, hflip=cfg.hflip)
     if cfg.sampling == "sakd":
         clean = for_run(paths.teacher, paths.data, teacher, device, num_samples, frozenset({"logits", "embedding"}),
                         int8=int8_calibration(params["sakd"], params["quantize"], seed))
@@ -82,7 +82,8 @@ def distill(params: dict, paths: SimpleNamespace, create_model: Callable) -> dic
     parts = loss.teacher_parts() if teacher is not None else None
     if router is not None:
         parts |= router.teacher_parts()
-    distiller.cache, clean_cache = teacher_caches(params, paths, teacher, device, len(data.train), parts)
+    precision, why = resolve_precision(cfg.precision, student, device)
+    distiller.cache, clean_cache = teacher_caches(params, paths, teacher, device, len(data.train), parts, precision)
     train = make_loader(data, "train", device, cfg.batch_size, workers=params["data"].workers,
                         crop_padding=cfg.crop_padding, hflip=cfg.hflip, seed=seed)
     val = make_loader(data, "val", device, cfg.eval_batch_size, workers=params["data"].workers)
@@ -91,7 +92,8 @@ def distill(params: dict, paths: SimpleNamespace, create_model: Callable) -> dic
     selector = build_selector(cfg.sampling, params["sakd"], distiller, train.view(cfg.batch_size),
                               epochs=cfg.epochs, seed=seed, clean_cache=clean_cache,
                               quant=params["quantize"])
-    logged = {"distill": dataclasses.asdict(cfg), "base": dataclasses.asdict(params["base"]),
+    logged = {"distill": {**dataclasses.asdict(cfg), "precision_used": precision},
+              "base": dataclasses.asdict(params["base"]),
               f"methods.{cfg.method}": params["methods"].get(cfg.method, {})}
     if cfg.sampling == "sakd":
         logged["sakd"] = dataclasses.asdict(params["sakd"])
@@ -101,18 +103,19 @@ def distill(params: dict, paths: SimpleNamespace, create_model: Callable) -> dic
         logged["routing"] = dataclasses.asdict(params["routing"])
     point, resumed = resume_point(paths.resume, "distill", params, ("base", "distill", "methods", "sakd", "routing"),
                                   [paths.data, *([paths.teacher] if teacher is not None else []),
-                                   *([cfg.student_init] if cfg.student_init else [])])
+                                   *([cfg.student_init] if cfg.student_init else [])], precision=precision)
     if not distributed.is_main():  # the other ranks train their share of every batch and write nothing
-        fit(distiller, train, val, selector, cfg, resume=resumed, precision=params["base"].precision)
+        fit(distiller, train, val, selector, cfg, resume=resumed, precision=precision)
         return None
     tags = {"kdcompress.method": cfg.method, "kdcompress.student": cfg.student, "kdcompress.sampling": cfg.sampling,
             "kdcompress.spots": cfg.spots, "kdcompress.teacher_runtime": runtime}
     with tracking.start_run("student", f"{cfg.student}-{cfg.method}-{cfg.sampling}", tags,
                             run_id=resumed and resumed["mlflow_run_id"]) as run:
         tracking.log_params(logged)
+        print(f"distill: training in {precision} ({why})")
         result = fit(distiller, train, val, selector, cfg, callbacks=[tracking.log_epoch], resume=resumed,
                      checkpoint=lambda state: point.save(state, mlflow_run_id=run.info.run_id),
-                     precision=params["base"].precision)
+                     precision=precision)
         save_checkpoint(paths.out, cfg.student, len(data.classes), data.input_shape[0], result.best_state,
                         best_epoch=result.best_epoch, val_acc=result.best_val_acc, method=cfg.method)
         tracking.tag_checkpoint(paths.out)

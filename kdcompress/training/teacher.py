@@ -17,7 +17,7 @@ from kdcompress.common.checkpoint import build_model, init_weights, load_weights
 from kdcompress.data.loader import make_loader
 from kdcompress.data.prepared import load_prepared
 from kdcompress.io import write_csv, write_json
-from kdcompress.runtime import resolve_device
+from kdcompress.runtime import resolve_device, resolve_precision
 from kdcompress.training import curves
 from kdcompress.training.distiller import Distiller
 from kdcompress.training.loop import fit, predict
@@ -37,20 +37,23 @@ def train_teacher(params: dict, paths: SimpleNamespace, create_model: Callable) 
     val = make_loader(data, "val", device, cfg.eval_batch_size, workers=params["data"].workers)
     model.to(device, memory_format=torch.channels_last)
     history, point, teach, resumed = [], None, None, None
+    precision, why = resolve_precision(cfg.precision, model, device)
     if not cfg.checkpoint:
         point, resumed = resume_point(paths.resume, "train_teacher", params, ("base", "teacher"),
-                                      [paths.data, *([cfg.init] if cfg.init else [])])
+                                      [paths.data, *([cfg.init] if cfg.init else [])], precision=precision)
         train = make_loader(data, "train", device, cfg.batch_size, workers=params["data"].workers,
                             crop_padding=cfg.crop_padding, hflip=cfg.hflip, seed=params["base"].seed)
         teach = functools.partial(fit, Distiller(model, label_smoothing=cfg.label_smoothing), train, val,
-                                  FullData(len(train)), cfg, resume=resumed, precision=params["base"].precision)
+                                  FullData(len(train)), cfg, resume=resumed, precision=precision)
     if not distributed.is_main():
         if teach is not None:
             teach()
         return None
     with tracking.start_run("teacher", f"teacher-{cfg.model}", run_id=resumed and resumed["mlflow_run_id"]) as run:
-        tracking.log_params({"teacher": dataclasses.asdict(cfg), "data": dataclasses.asdict(params["data"]),
-                             "base": dataclasses.asdict(params["base"])})
+        tracking.log_params({"teacher": {**dataclasses.asdict(cfg), "precision_used": precision},
+                             "data": dataclasses.asdict(params["data"]), "base": dataclasses.asdict(params["base"])})
+        if not cfg.checkpoint:
+            print(f"teacher: training in {precision} ({why})")
         if cfg.checkpoint:
             if not os.path.abspath(cfg.checkpoint).startswith(os.path.abspath("weights") + os.sep):
                 print(f"note: teacher.checkpoint {cfg.checkpoint} is outside weights/: `dvc repro` will not notice "
