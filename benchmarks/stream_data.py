@@ -48,7 +48,7 @@ import yaml
 
 from benchmarks.photo_folder import positive
 from kdcompress.config import load_params
-from kdcompress.data.loader import make_loader
+from kdcompress.data.loader import fit_loaders, make_loader
 from kdcompress.data.prepared import load_prepared
 from kdcompress.io import write_json
 from kdcompress.methods import build_loss
@@ -178,9 +178,7 @@ def train_epoch(params_path: str, data_dir: str, steps: int, batch_size: int, mo
     device = resolve_device(base.device)
     cfg = dataclasses.replace(params["distill"], epochs=1, batch_size=batch_size, lr_schedule="constant")
     data = load_prepared(data_dir, splits=("train", "val"))
-    train = make_loader(data, "train", device, batch_size, workers=workers, crop_padding=cfg.crop_padding,
-                        hflip=cfg.hflip, seed=base.seed)
-    val = make_loader(data, "val", device, cfg.eval_batch_size, workers=workers)
+    train, val = fit_loaders(data, device, cfg, workers, base.seed)
     model = create_model(model_name, len(data.classes), data.input_shape[0])
     model = model.to(device, memory_format=torch.channels_last)
     samples = min(len(train), steps * batch_size)

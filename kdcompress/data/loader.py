@@ -100,3 +100,12 @@ def make_loader(data: Prepared, split: str, device: torch.device | str, batch_si
         return StreamLoader(part, data.mean, data.std, device, batch_size, geometry=geometry,
                             channels=data.input_shape[0], workers=workers, **kw)
     return BatchLoader(part, data.mean, data.std, device, batch_size, geometry=geometry, **kw)
+
+
+def fit_loaders(data: Prepared, device: torch.device | str, cfg, workers: int,
+                seed: int) -> tuple[BatchLoader | StreamLoader, BatchLoader | StreamLoader]:
+    """The two loaders of one fit() run: train (``cfg``'s batch size, crop padding and flip, batch order and
+    augmentation seeded by ``seed``) and val (``cfg.eval_batch_size``); ``cfg``: a TrainConfig."""
+    train = make_loader(data, "train", device, cfg.batch_size, workers=workers, crop_padding=cfg.crop_padding,
+                        hflip=cfg.hflip, seed=seed)
+    return train, make_loader(data, "val", device, cfg.eval_batch_size, workers=workers)

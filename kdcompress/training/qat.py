@@ -31,7 +31,7 @@ from torch.nn.utils import parametrize
 
 from kdcompress.common.checkpoint import load_model
 from kdcompress.common.onnx import read_metadata, save_onnx, to_onnx
-from kdcompress.data.loader import make_loader
+from kdcompress.data.loader import fit_loaders
 from kdcompress.data.prepared import load_prepared
 from kdcompress.methods import build_loss
 from kdcompress.runtime import resolve_device, seed_everything
@@ -134,9 +134,7 @@ def finetune(params: dict, paths: SimpleNamespace, create_model: Callable) -> tu
     teacher = load_model(paths.teacher, device, create_model, data) if loss is not None and loss.needs_teacher \
         else None
     distiller = Distiller(student, teacher, loss, cfg.ce_weight, cfg.kd_weight, cfg.label_smoothing)
-    train = make_loader(data, "train", device, cfg.batch_size, workers=params["data"].workers,
-                        crop_padding=cfg.crop_padding, hflip=cfg.hflip, seed=base.seed)
-    val = make_loader(data, "val", device, cfg.eval_batch_size, workers=params["data"].workers)
+    train, val = fit_loaders(data, device, cfg, params["data"].workers, base.seed)
     run_cfg = dataclasses.replace(cfg, epochs=q.qat_epochs, lr=q.qat_lr, lr_schedule="cosine")
     result = fit(distiller, train, val, FullData(len(data.train)), run_cfg, precision="fp32")
     student.load_state_dict(result.best_state)
