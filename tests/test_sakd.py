@@ -18,16 +18,14 @@ from kdcompress.training.distiller import Distiller, alpha_weights, constant_sca
 from kdcompress.training.loop import fit
 from kdcompress.training.selection import FullData
 from kdcompress.training.selection.build import build_selector
-from kdcompress.training.selection.sakd import (
-    SAKDSelector,
+from kdcompress.training.selection.interruptions import (
     _mix32,
-    beta_schedule,
-    normalise,
     position_noise,
     sample_keys,
     spatial_dropout,
     spatial_shuffle,
 )
+from kdcompress.training.selection.sakd import SAKDSelector, beta_schedule, normalise
 from kdcompress.training.teacher_cache import TeacherCache
 from kdcompress.types import UserError
 
