@@ -108,14 +108,14 @@ def run_student(name: str, out_root: Path, overrides: dict, params_path: str = "
                  "--metrics", files["evaluate.json"], "--plots", str(folder)])]
     if ship:
         steps += [(export, "export.json", params_arg + teacher_arg + student + [
-                      "--evaluation", files["evaluate.json"], "--out", files["onnx"],
-                      "--metrics", files["export.json"]]),
+                      "--out", files["onnx"], "--metrics", files["export.json"]]),
                   (quantize, "quantize.json", params_arg + teacher_arg + student + [
                       "--onnx", files["onnx"], "--metrics", files["quantize.json"]]),
                   (benchmark, "benchmark.json", params_arg + student + ["--onnx", files["onnx"], "--metrics",
                                                                         files["benchmark.json"]]),
                   (ship_stage, "summary.json", student + [
-                      "--onnx", files["onnx"], "--evaluation", files["evaluate.json"], "--quantization",
+                      "--onnx", files["onnx"], "--evaluation", files["evaluate.json"], "--export",
+                      files["export.json"], "--quantization",
                       files["quantize.json"], "--benchmark", files["benchmark.json"], "--out", files["ship"],
                       "--metrics", files["summary.json"]])]
     for stage, output, stage_args in steps:

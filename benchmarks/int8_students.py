@@ -41,7 +41,7 @@ def row(student: str, r: dict) -> dict:
             "naive_test": q["compared"]["all"]["test_int8_top1"],
             "best": q["chosen"], "best_ms": best["p50_ms"] if best else None,
             "best_val": q["val"]["int8_top1"] if best else None, "best_test": q["test"]["int8_top1"] if best else None,
-            "shipped": r["ship"]["precision"], "cpu": q["search_profile"]["cpu"]}
+            "shipped": "int8" if r["ship"]["int8_shipped"] else "fp32", "cpu": q["search_profile"]["cpu"]}
 
 
 def table(results: dict) -> str:

@@ -159,6 +159,27 @@ def test_sakd_pair_pins_its_own_teacher_and_a_method_rerun_starts_on_the_method_
     assert "All 1 runs trained for" in report and "Against the same runs in methods.json" not in report
 
 
+@pytest.mark.slow
+def test_int8_students_runs_every_stage_of_a_student_and_qat_on_it(project):
+    """On tiny data: the int8 table's teacher is trained once and pinned, a student goes through distill,
+    evaluate, export, quantize, benchmark and ship on its own files, and QAT runs on the worst student."""
+    import json
+
+    from benchmarks import int8_students
+    from pipeline import prepare
+
+    assert prepare.main([]) == 0
+    out = project / "results"
+    int8_students.main(["--students", "tinycnn", "--teacher-epochs", "1", "--qat-epochs", "1", "--out", str(out),
+                        "-S", "distill.epochs=1"])
+    results = json.loads((out / "int8_students.json").read_text())
+    run, folder = results["student/tinycnn"], out / "runs" / "int8_students" / "tinycnn"
+    assert run["ship"]["test"]["top1"] == run["top1"] and (folder / "ship" / "model.onnx").exists()
+    assert run["quantize"]["student"]["search"] and (out / "int8_students_teacher.pt").exists()
+    assert results["qat"]["student"] == "tinycnn" and "qat-all" in results["qat"]["report"]["student"]["compared"]
+    assert "| `tinycnn` |" in (out / "int8_students.md").read_text()
+
+
 def test_photo_folder_writes_varied_rgb_jpegs_in_the_image_folder_layout_the_same_bytes_for_a_seed(tmp_path, capsys):
     import numpy as np
     from conftest import write_idx

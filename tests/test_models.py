@@ -89,6 +89,23 @@ def test_torchvision_model_computes_what_torchvision_does_and_its_classifier_rea
             torch.testing.assert_close(getattr(reference, classifier)(out.embedding), out.logits)
 
 
+def test_torchvision_batch_norms_follow_their_batches_at_pytorchs_momentum():
+    """MobileNetV3's BatchNorm momentum of 0.01 (torchvision's) is 0.1 here: five training batches move
+    the first running mean 1 - 0.9^5 of the way to the batches' mean, where 0.01 would move it 5 %."""
+    torch.manual_seed(0)
+    model = create_model("tv:mobilenet_v3_small", 10, 1).train()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and {m.momentum for m in norms} == {0.1}
+    x = torch.randn(8, 1, 32, 32) + 3.0
+    with torch.no_grad():
+        first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        target = first_conv(x).mean(dim=(0, 2, 3))
+        norms[0].reset_running_stats()
+        for _ in range(5):
+            model(x)
+    torch.testing.assert_close(norms[0].running_mean, (1 - 0.9 ** 5) * target, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_torchvision_student_exports_and_distils_with_a_feature_method():
     from kdcompress.common.onnx import ort_predict, to_onnx
