@@ -19,7 +19,8 @@ BatchNorm layers keep their running statistics with PyTorch's default momentum, 
 less (MobileNetV3 0.01, MNASNet 0.0003, tuned for hundreds of ImageNet epochs): over the few epochs of a
 distillation run the slower averages lag far behind the weights, and evaluation mode collapses (a
 `tv:mobilenet_v3_small` distilled for 2 epochs of 13,500 images at 64 px: val 25.0 % and 11.1 % after its
-epochs with torchvision's 0.01, 73.9 % and 80.5 % with 0.1, the training losses identical). Momentum is not in a ``state_dict``, so torchvision weights load as they are.
+epochs with torchvision's 0.01, 73.9 % and 80.5 % with 0.1, the training losses identical). Momentum is
+not in a ``state_dict``, so torchvision weights load as they are.
 
 The parameter names are torchvision's own, so a torchvision ``state_dict`` whose classifier was
 replaced for your classes loads as ``teacher.checkpoint`` (README: Models), and one for other
