@@ -44,6 +44,26 @@ def test_parity_gate_fails_on_a_different_model(tmp_path):
         parity(path, ref + 1e-3, x, atol=1e-4)
 
 
+def test_parity_gates_the_logits_and_reports_a_near_tie_that_flips(tmp_path):
+    """Within atol the top-1 class changes only at near-ties: such a flip is reported, not refused; the
+    same flip with a logit moved beyond atol fails."""
+    model = create_model("tinycnn", 10, 1).eval()
+    with torch.no_grad():  # every image's logits are the bias: class 0 leads class 1 by 5e-5
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.linspace(0.0, -1.0, 10))
+        model.head.bias[1] = -5e-5
+    path = save_onnx(to_onnx(model, [1, 12, 12], 18, {}), tmp_path / "m.onnx")
+    x = [torch.randn(16, 1, 12, 12)]
+    with torch.no_grad():
+        ref = model(x[0])
+    ref[:, 1] += 8e-5  # as if PyTorch rounded class 1 up: it leads now, by 3e-5
+    result = parity(path, ref, x, atol=1e-4)
+    assert result["top1_agreement"] == 0.0 and result["max_abs_diff"] <= 1e-4
+    ref[:, 1] += 1e-3
+    with pytest.raises(ParityError, match=r"allowed <= 0.0001, export.atol\), top-1 agreement 0.0000%"):
+        parity(path, ref, x, atol=1e-4)
+
+
 def test_params_and_macs_hand_counted():
     conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1, bias=False))
     assert count_params(conv) == 18

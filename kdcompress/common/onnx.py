@@ -105,7 +105,10 @@ def ort_predict_many(models: dict[str, str | Path], inputs) -> dict[str, np.ndar
 def parity(model: str | Path | bytes, torch_logits: torch.Tensor, inputs, atol: float, name: str = "") -> dict:
     """Run the ONNX model (a file, or serialized bytes checked before anything is written) over
     ``inputs`` (an iterable of float batches) and compare with ``torch_logits`` (same order). Raises
-    ParityError, naming ``name`` (default: the file), beyond ``atol`` or below 100 % agreement."""
+    ParityError, naming ``name`` (default: the file), where a logit differs by more than ``atol``. Within it,
+    a top-1 class can change only where PyTorch's two best logits lie within 2 x ``atol`` of each other (a
+    near-tie): the agreement is reported, not gated; a deep net whose kernels round differently in
+    onnxruntime (EfficientNet's sigmoids: 3e-3 on logits up to 23) needs a larger ``atol``."""
     onnx_logits = ort_predict(model, inputs)
     path = name or model
     ref = torch_logits.numpy()
@@ -114,9 +117,9 @@ def parity(model: str | Path | bytes, torch_logits: torch.Tensor, inputs, atol: 
     result = {"max_abs_diff": float(np.abs(onnx_logits - ref).max()),
               "top1_agreement": float((onnx_logits.argmax(1) == ref.argmax(1)).mean()),
               "samples": int(len(ref)), "atol": atol}
-    if result["max_abs_diff"] > atol or result["top1_agreement"] < 1.0:
+    if result["max_abs_diff"] > atol:
         raise ParityError(f"parity check failed for {path}: max |dlogit| {result['max_abs_diff']:.3g} "
-                          f"(allowed <= {atol:g}), top-1 agreement {result['top1_agreement']:.4%} (allowed 100%)")
+                          f"(allowed <= {atol:g}, export.atol), top-1 agreement {result['top1_agreement']:.4%}")
     return result
 
 
