@@ -114,9 +114,9 @@ def run_student(name: str, out_root: Path, overrides: dict, params_path: str = "
                   (benchmark, "benchmark.json", params_arg + student + ["--onnx", files["onnx"], "--metrics",
                                                                         files["benchmark.json"]]),
                   (ship_stage, "summary.json", student + [
-                      "--onnx", files["onnx"], "--evaluation", files["evaluate.json"], "--export",
-                      files["export.json"], "--quantization",
-                      files["quantize.json"], "--benchmark", files["benchmark.json"], "--out", files["ship"],
+                      "--onnx", files["onnx"], "--evaluation", files["evaluate.json"],
+                      "--export", files["export.json"], "--quantization", files["quantize.json"],
+                      "--benchmark", files["benchmark.json"], "--out", files["ship"],
                       "--metrics", files["summary.json"]])]
     for stage, output, stage_args in steps:
         if not (folder / output).exists() and stage.main(stage_args):
