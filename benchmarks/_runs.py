@@ -77,10 +77,10 @@ def write_params(folder: Path, overrides: dict, params_path: str = "params.yaml"
     return params
 
 
-def train_teacher(model: str, folder: Path, params_path: str = "params.yaml") -> Path:
-    """A teacher of architecture ``model`` trained by the train_teacher stage (the other teacher
-    params as they are) on the prepared data, in ``folder``; an interrupted training resumes."""
-    write_params(folder, {"teacher.model": model}, params_path)
+def train_teacher(model: str, folder: Path, params_path: str = "params.yaml", overrides: dict | None = None) -> Path:
+    """A teacher of architecture ``model`` trained by the train_teacher stage (the other params as they are,
+    with ``overrides``) on the prepared data, in ``folder``; an interrupted training resumes."""
+    write_params(folder, {**(overrides or {}), "teacher.model": model}, params_path)
     out = folder / "teacher.pt"
     if not out.exists() and teacher_stage.main([
             "--params", str(folder / "params.yaml"), "--out", str(out), "--resume", str(folder / "resume.pt"),
