@@ -149,6 +149,41 @@ def test_exclusions_onnxruntime_undoes_are_dropped(mobilenet, senet, tmp_path):
     assert kept == {"se": 2, "all": 0, "fp32": 2}  # the block's two 1x1 convs
 
 
+@pytest.mark.parametrize("method", ["minmax", "entropy"])
+def test_calibration_takes_one_batch_at_a_time(mobilenet, tmp_path, monkeypatch, method):
+    """The calibrator collects each batch's tensors apart and merges them (memory of one batch, not of all
+    calibration images); min-max ranges, and so the int8 file, are those of all images in one batch."""
+    from onnxruntime.quantization import calibrate
+
+    seen = []
+    for cls in (calibrate.MinMaxCalibrater, calibrate.HistogramCalibrater):
+        def collect(self, reader, _orig=cls.collect_data):
+            before = len(seen)
+            _orig(self, _Counting(reader, seen))
+            assert len(seen) - before <= 1, "the calibrator was handed more than one batch at once"
+        monkeypatch.setattr(cls, "collect_data", collect)
+    _, fp32, _ = mobilenet
+    batches = [images(4, seed) for seed in range(3)]
+    files = [Quantizer(fp32, b, method, tmp_path / f"w{i}").write(Int8Config(), tmp_path / f"{i}.onnx")
+             for i, b in enumerate((batches, [np.concatenate(batches)]))]
+    assert len(seen) == 4  # three batches one by one, then the single batch
+    if method == "minmax":
+        assert files[0].read_bytes() == files[1].read_bytes()
+
+
+class _Counting:
+    """A calibration reader that records each batch it hands out."""
+
+    def __init__(self, reader, seen: list):
+        self.reader, self.seen = reader, seen
+
+    def get_next(self):
+        batch = self.reader.get_next()
+        if batch is not None:
+            self.seen.append(batch)
+        return batch
+
+
 @pytest.mark.parametrize("results, expected", [
     ([(1.0, True), (0.5, True), (0.3, False)], 1),  # the fastest passing one, not the fastest
     ([(1.0, True), (0.52, True), (0.50, True)], 1),  # within 5 % of the fastest: the simpler wins

@@ -56,12 +56,24 @@ def int8_path(fp32_path: str | Path) -> Path:
 
 
 class _Batches(CalibrationDataReader):
+    """The calibration batches, handed to the calibrator one at a time (quantize_static's
+    ``CalibStridedMinMax``: 1), so that it holds one batch's intermediate tensors at a time, its ranges or
+    histograms merged batch by batch, instead of every tensor of every calibration image at once (10.3 GB
+    for a ResNet-20 at 96 px under entropy calibration, 3.3 GB under min-max). Min-max ranges are the same."""
+
     def __init__(self, batches: Iterable[np.ndarray]):
-        self._batches: Iterator[np.ndarray] = iter(batches)
+        self._batches = [np.ascontiguousarray(b, dtype=np.float32) for b in batches]
+        self._range: Iterator[np.ndarray] = iter(self._batches)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._range = iter(self._batches[start_index:end_index])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self._batches, None)
-        return None if batch is None else {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
+        batch = next(self._range, None)
+        return None if batch is None else {INPUT_NAME: batch}
 
 
 def calibration_batches(loader, samples: int, seed: int) -> Iterator[np.ndarray]:
@@ -111,7 +123,8 @@ class Quantizer:
                             op_types_to_quantize=list(config.op_types or ()), nodes_to_exclude=list(config.exclude),
                             per_channel=config.per_channel, reduce_range=config.reduce_range,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CALIBRATIONS[self.method], calibration_cache_path=self._cache)
+                            calibrate_method=CALIBRATIONS[self.method], calibration_cache_path=self._cache,
+                            extra_options={"CalibStridedMinMax": 1} if reader is not None else None)
             model = onnx.load(str(quantized))
         set_metadata(model, {**self._metadata, "kdcompress.precision": "int8", "kdcompress.calibration": self.method,
                              "kdcompress.int8_config": json.dumps(config.describe())})
