@@ -30,15 +30,8 @@ import torch
 from kdcompress.common.host import cpu_name
 from kdcompress.common.int8 import Quantizer
 from kdcompress.common.onnx import INPUT_NAME, save_onnx, to_onnx
-from kdcompress.deploy.int8_search import (
-    block_runs,
-    candidates,
-    depthwise_convs,
-    time_models,
-    with_activations,
-    write_candidates,
-)
-from kdcompress.deploy.profiling import count_macs
+from kdcompress.deploy.int8_search import candidates, depthwise_convs, with_activations, write_candidates
+from kdcompress.deploy.profiling import block_runs, count_macs, time_models
 from kdcompress.io import write_json
 from models import create_model
 

@@ -217,6 +217,7 @@ class QuantizeConfig:
 class BenchmarkConfig:
     warmup: int = _opt(50, lo=0)
     runs: int = _opt(300, lo=200)
+    rounds: int = _opt(10, lo=1)
     server_batch: int = _opt(64, lo=1)
     server_runs: int = _opt(30, lo=1)
 

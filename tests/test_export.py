@@ -8,6 +8,7 @@ import torch
 
 from kdcompress.common.onnx import ParityError, parity, read_metadata, save_onnx, to_onnx
 from kdcompress.deploy.export import metadata_for
+from kdcompress.deploy import profiling
 from kdcompress.deploy.profiling import count_macs, count_params
 from models import MODELS, create_model
 
@@ -68,6 +69,18 @@ def test_params_and_macs_hand_counted():
     conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1, bias=False))
     assert count_params(conv) == 18
     assert count_macs(conv, [1, 5, 5]) == 2 * 9 * 25  # out channels * kernel * output positions
+
+
+def test_latency_blocks_interleave_the_models(tmp_path, monkeypatch):
+    """Each round times every model once, each in a fresh session: a busy spell of the host falls on all
+    the models a decision compares (the benchmark stage's four, the search's candidates)."""
+    paths = {name: save_onnx(to_onnx(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2)), [1, 2, 2], 18,
+                                     {}), tmp_path / f"{name}.onnx") for name in ("a", "b")}
+    opened, real = [], profiling.session
+    monkeypatch.setattr(profiling, "session", lambda path, threads: opened.append(path.stem) or real(path, threads))
+    runs = profiling.interleaved_runs(paths, [1, 2, 2], {"a": 3, "b": 5}, rounds=4, warmup=1)
+    assert opened == ["a", "b"] * 4
+    assert {k: len(v) for k, v in runs.items()} == {"a": 12, "b": 20} and min(runs["a"] + runs["b"]) > 0
 
 
 @pytest.mark.parametrize("arch", ["resnet20", "mobilenet"])

@@ -61,7 +61,7 @@ def test_all_stages_end_to_end(project, capsys):
     for role in ("student", "teacher"):
         for precision in ("fp32", "int8"):
             b = bench[role][precision]
-            assert b["ort_edge"]["runs"] == 200 and b["ort_server"]["batch"] == 8 and b["file_bytes"] > 0
+            assert b["ort_edge"]["runs"] >= 200 and b["ort_server"]["batch"] == 8 and b["file_bytes"] > 0
             assert b["memory_edge"]["peak_rss_mib"] > 0
     assert bench["ratios"]["teacher_over_student_ort_p50"] > 0 and bench["environment"]["onnxruntime"]
 

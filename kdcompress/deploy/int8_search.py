@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import tempfile
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -26,13 +24,12 @@ import onnxruntime as ort
 
 from kdcompress.common.host import cpu_name
 from kdcompress.common.int8 import ALL_OP_TYPES, Int8Config, Quantizer, int8_path
-from kdcompress.common.onnx import INPUT_NAME, METADATA_KEYS, read_metadata, session
-from kdcompress.deploy.profiling import ort_latency
+from kdcompress.common.onnx import METADATA_KEYS, read_metadata
+from kdcompress.deploy.profiling import block_runs, time_models
 from kdcompress.deploy.quantize import accuracy, gate
 from kdcompress.io import atomic_write
 
 SIMPLER_WITHIN = 0.05  # a simpler candidate at most 5 % slower than the fastest passing one wins
-BLOCK_MS = 5.0  # model time of one timing block, at least
 FOLDED = ("Relu", "Clip")  # activations the quantizer folds into the range of the op before them
 CONV_GEMM = ("Conv", "Gemm", "MatMul", *FOLDED)
 ELTWISE_POOL = (*CONV_GEMM, "Add", "Mul", "AveragePool", "GlobalAveragePool", "MaxPool")
@@ -170,35 +167,6 @@ def write_candidates(quantizer: Quantizer, configs: list[Int8Config], folder: Pa
         files[c.name] = path
         timed_as[c.name] = seen.setdefault(tuple(n.op_type for n in graph.graph.node), c.name)
     return files, timed_as, dropped
-
-
-def block_runs(path: Path, input_shape: list[int], runs: int, rounds: int) -> int:
-    """Timed runs per block for ``time_models``: ``runs`` spread over ``rounds`` blocks, and at least
-    ``BLOCK_MS`` of the model ``path`` (a short ``ort_latency`` probe), so that a 0.02-ms model's block
-    outlasts the timer's and the scheduler's granularity."""
-    probe = ort_latency(path, input_shape, 1, 1, 5, 20)["p50_ms"]
-    return max(math.ceil(runs / rounds), math.ceil(BLOCK_MS / probe))
-
-
-def time_models(paths: dict[str, Path], input_shape: list[int], block: int, rounds: int,
-                warmup: int = 2) -> dict[str, float]:
-    """Batch-1, one-thread p50 (ms) of each model on ``ort_latency``'s edge profile (the same session
-    options and input): ``rounds`` rounds in which each model in turn gets a fresh session, ``warmup``
-    untimed runs and ``block`` timed ones; the p50 over all its timed runs. On a shared host two effects
-    exceed the 5 % rule unless they fall on all models alike, as they do here: busy spells lasting seconds
-    and a session's memory placement (on the 2-core machine under load one file measured 35 to 59 us from
-    one ``ort_latency`` call to the next, and one session of a 0.03-ms model ran 40 % slower than another)."""
-    x = {INPUT_NAME: np.random.default_rng(0).standard_normal((1, *input_shape), dtype=np.float32)}
-    seconds: dict[str, list[float]] = {name: [] for name in paths}
-    for _ in range(rounds):
-        for name, path in paths.items():
-            sess = session(path, threads=1)
-            for i in range(warmup + block):
-                start = time.perf_counter()
-                sess.run(None, x)
-                if i >= warmup:
-                    seconds[name].append(time.perf_counter() - start)
-    return {name: float(np.median(values)) * 1e3 for name, values in seconds.items()}
 
 
 def choose(results: list[dict], within: float = SIMPLER_WITHIN) -> dict | None:

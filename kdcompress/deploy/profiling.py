@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -20,6 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from kdcompress.common.host import cpu_name
 from kdcompress.common.int8 import int8_path
 from kdcompress.common.onnx import INPUT_NAME, METADATA_KEYS, read_metadata, session
+
+BLOCK_MS = 5.0  # model time of one timing block, at least
 
 
 def _percentiles(seconds: list[float]) -> dict[str, float]:
@@ -45,6 +48,43 @@ def ort_latency(path: str | Path, input_shape: list[int], batch: int = 1, thread
     sess = session(path, threads=threads)
     x = np.random.default_rng(0).standard_normal((batch, *input_shape), dtype=np.float32)
     return _percentiles(_time_calls(lambda: sess.run(None, {INPUT_NAME: x}), warmup, runs))
+
+
+def block_runs(path: Path, input_shape: list[int], runs: int, rounds: int) -> int:
+    """Timed runs per block for ``interleaved_runs``: ``runs`` spread over ``rounds`` blocks, and at least
+    ``BLOCK_MS`` of the model ``path`` (a short ``ort_latency`` probe), so that a 0.02-ms model's block
+    outlasts the timer's and the scheduler's granularity."""
+    probe = ort_latency(path, input_shape, 1, 1, 5, 20)["p50_ms"]
+    return max(math.ceil(runs / rounds), math.ceil(BLOCK_MS / probe))
+
+
+def interleaved_runs(paths: dict, input_shape: list[int], block: int | dict, rounds: int,
+                     warmup: int = 2) -> dict:
+    """Batch-1, one-thread run times (seconds) of each model on ``ort_latency``'s edge profile (the same
+    session options and input): ``rounds`` rounds in which each model in turn gets a fresh session,
+    ``warmup`` untimed runs and ``block`` timed ones (a number for all, or one per model). On a shared host
+    two effects exceed the 5 % rule unless they fall on all models alike, as they do here: busy spells
+    lasting seconds and a session's memory placement (on the 2-core machine under load one file measured 35
+    to 59 us from one ``ort_latency`` call to the next, and one session of a 0.03-ms model ran 40 % slower
+    than another)."""
+    x = {INPUT_NAME: np.random.default_rng(0).standard_normal((1, *input_shape), dtype=np.float32)}
+    seconds: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, path in paths.items():
+            sess = session(path, threads=1)
+            for i in range(warmup + (block[name] if isinstance(block, dict) else block)):
+                start = time.perf_counter()
+                sess.run(None, x)
+                if i >= warmup:
+                    seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def time_models(paths: dict[str, Path], input_shape: list[int], block: int, rounds: int,
+                warmup: int = 2) -> dict[str, float]:
+    """The p50 (ms) of each model over ``interleaved_runs``."""
+    return {name: float(np.median(values)) * 1e3
+            for name, values in interleaved_runs(paths, input_shape, block, rounds, warmup).items()}
 
 
 def ort_throughput(path: str | Path, input_shape: list[int], batch: int = 64, threads: int = 0, warmup: int = 5,
@@ -133,22 +173,25 @@ def environment() -> dict[str, str | int]:
 
 def benchmark(onnx_dir: str | Path, student: Callable[[], torch.nn.Module], cfg) -> dict:
     """The benchmark stage's figures: onnxruntime edge and server profiles, peak memory and file size
-    of student and teacher in fp32 and int8 (in ``onnx_dir``), the fp32 student (``student()`` loads it)
-    on PyTorch eager, the
-    ratios between them and the environment they were measured in (``cfg``: BenchmarkConfig)."""
-    report = {}
-    for role in ("student", "teacher"):
-        fp32 = f"{onnx_dir}/{role}.onnx"
-        report[role] = {}
-        for precision, path in (("fp32", fp32), ("int8", int8_path(fp32))):
-            input_shape = json.loads(read_metadata(path, METADATA_KEYS)["input_shape"])[1:]
-            report[role][precision] = {
-                "ort_edge": ort_latency(path, input_shape, 1, 1, cfg.warmup, cfg.runs),
-                "ort_server": ort_throughput(path, input_shape, cfg.server_batch, 0, cfg.warmup, cfg.server_runs),
-                "memory_edge": ort_peak_memory(path, input_shape, 1, 1),
-                "memory_server": ort_peak_memory(path, input_shape, cfg.server_batch, 0),
-                "file_bytes": onnx_size(path),
-            }
+    of student and teacher in fp32 and int8 (in ``onnx_dir``; the four batch-1 profiles interleaved block by
+    block, ``interleaved_runs``, so that the ship stage's int8-or-fp32 decision compares runs made in the
+    same machine state), the fp32 student (``student()`` loads it) on PyTorch eager, the ratios between
+    them and the environment they were measured in (``cfg``: BenchmarkConfig)."""
+    fp32 = {role: f"{onnx_dir}/{role}.onnx" for role in ("student", "teacher")}
+    paths = {(role, precision): path for role in fp32 for precision, path in (("fp32", fp32[role]),
+                                                                               ("int8", int8_path(fp32[role])))}
+    input_shape = json.loads(read_metadata(fp32["student"], METADATA_KEYS)["input_shape"])[1:]
+    blocks = {k: block_runs(p, input_shape, cfg.runs, cfg.rounds) for k, p in paths.items()}
+    edge = interleaved_runs(paths, input_shape, blocks, cfg.rounds, max(2, cfg.warmup // cfg.rounds))
+    report = {role: {} for role in ("student", "teacher")}
+    for (role, precision), path in paths.items():
+        report[role][precision] = {
+            "ort_edge": _percentiles(edge[role, precision]),
+            "ort_server": ort_throughput(path, input_shape, cfg.server_batch, 0, cfg.warmup, cfg.server_runs),
+            "memory_edge": ort_peak_memory(path, input_shape, 1, 1),
+            "memory_server": ort_peak_memory(path, input_shape, cfg.server_batch, 0),
+            "file_bytes": onnx_size(path),
+        }
     report["student"]["fp32"]["torch_edge"] = torch_latency(student(), input_shape, 1, 1, cfg.warmup, cfg.runs)
     p50 = {(r, p): report[r][p]["ort_edge"]["p50_ms"] for r in ("student", "teacher") for p in ("fp32", "int8")}
     s = report["student"]["fp32"]
