@@ -139,6 +139,8 @@ class TeacherConfig(TrainConfig):
     model: str = "resnet20"
     checkpoint: str = ""  # path to your own weights (a state_dict); empty: train the teacher
     init: str = ""  # weights to start training from (torchvision, timm or kdcompress state_dict); empty: random
+    # bf16 on a CPU with native bf16: within seed noise of fp32 on val, 1.6x faster (benchmarks.bf16_teacher)
+    precision: str = _opt("auto", choices=("auto", "fp32", "bf16", "fp16"))
 
 
 @dataclass(frozen=True)

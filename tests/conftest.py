@@ -113,7 +113,8 @@ def write_photo_folder(root: Path, per_class: dict[str, int], classes: int = 4, 
 TINY = {
     "base": {"seed": 0, "device": "cpu", "num_threads": 1},
     "data": {"dataset": "fashion_mnist", "root": "raw", "val_fraction": 0.2, "download": False},
-    "teacher": {"model": "resnet20", "epochs": 1, "batch_size": 32, "lr": 0.05, "eval_batch_size": 64},
+    "teacher": {"model": "resnet20", "epochs": 1, "batch_size": 32, "lr": 0.05, "eval_batch_size": 64,
+                "precision": "fp32"},  # the same on every host (auto: tests/test_precision.py)
     "distill": {"student": "tinycnn", "method": "kd", "epochs": 2, "batch_size": 32, "lr": 0.05,
                 "eval_batch_size": 64},
     "methods": {"kd": {"temperature": 4.0}},
