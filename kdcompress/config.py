@@ -51,6 +51,8 @@ def _base_type(hint) -> type:
     return args[0] if args else hint
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # teacher.precision, distill.precision
+
 # keys that moved, with the one line that says where to
 MOVED = {"base.precision": "base.precision: moved to teacher.precision and distill.precision (each auto, fp32, bf16 "
                            "or fp16), so teacher and student can train in different precisions"}
@@ -131,7 +133,7 @@ class TrainConfig:
     hflip: bool = True
     eval_batch_size: int = _opt(1024, lo=1)
     # the forward under autocast (fp16: + GradScaler); auto: runtime.resolve_precision's fixed rule
-    precision: str = _opt("fp32", choices=("auto", "fp32", "bf16", "fp16"))
+    precision: str = _opt("fp32", choices=PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,7 @@ class TeacherConfig(TrainConfig):
     checkpoint: str = ""  # path to your own weights (a state_dict); empty: train the teacher
     init: str = ""  # weights to start training from (torchvision, timm or kdcompress state_dict); empty: random
     # bf16 on a CPU with native bf16: within seed noise of fp32 on val, 1.6x faster (benchmarks.bf16_teacher)
-    precision: str = _opt("auto", choices=("auto", "fp32", "bf16", "fp16"))
+    precision: str = _opt("auto", choices=PRECISIONS)
 
 
 @dataclass(frozen=True)

@@ -58,11 +58,10 @@ def block_runs(path: Path, input_shape: list[int], runs: int, rounds: int) -> in
     return max(math.ceil(runs / rounds), math.ceil(BLOCK_MS / probe))
 
 
-def interleaved_runs(paths: dict, input_shape: list[int], block: int | dict, rounds: int,
-                     warmup: int = 2) -> dict:
+def interleaved_runs(paths: dict, input_shape: list[int], blocks: dict, rounds: int, warmup: int = 2) -> dict:
     """Batch-1, one-thread run times (seconds) of each model on ``ort_latency``'s edge profile (the same
     session options and input): ``rounds`` rounds in which each model in turn gets a fresh session,
-    ``warmup`` untimed runs and ``block`` timed ones (a number for all, or one per model). On a shared host
+    ``warmup`` untimed runs and ``blocks[name]`` timed ones. On a shared host
     two effects exceed the 5 % rule unless they fall on all models alike, as they do here: busy spells
     lasting seconds and a session's memory placement (on the 2-core machine under load one file measured 35
     to 59 us from one ``ort_latency`` call to the next, and one session of a 0.03-ms model ran 40 % slower
@@ -72,7 +71,7 @@ def interleaved_runs(paths: dict, input_shape: list[int], block: int | dict, rou
     for _ in range(rounds):
         for name, path in paths.items():
             sess = session(path, threads=1)
-            for i in range(warmup + (block[name] if isinstance(block, dict) else block)):
+            for i in range(warmup + blocks[name]):
                 start = time.perf_counter()
                 sess.run(None, x)
                 if i >= warmup:
@@ -84,7 +83,8 @@ def time_models(paths: dict[str, Path], input_shape: list[int], block: int, roun
                 warmup: int = 2) -> dict[str, float]:
     """The p50 (ms) of each model over ``interleaved_runs``."""
     return {name: float(np.median(values)) * 1e3
-            for name, values in interleaved_runs(paths, input_shape, block, rounds, warmup).items()}
+            for name, values in interleaved_runs(paths, input_shape, dict.fromkeys(paths, block), rounds,
+                                                  warmup).items()}
 
 
 def ort_throughput(path: str | Path, input_shape: list[int], batch: int = 64, threads: int = 0, warmup: int = 5,
