@@ -15,8 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from kdcompress.common.tracking import ensure_store, file_sha
-from kdcompress.io import atomic_write, write_json
+from kdcompress.io import atomic_write, file_sha, write_json
 from pipeline import benchmark, distill, evaluate, export, quantize
 from pipeline import ship as ship_stage
 from pipeline import train_teacher as teacher_stage
@@ -150,7 +149,6 @@ def run_all(tasks: dict[str, tuple[str, dict]], out_root: Path, jobs: int, teach
     A failed run is reported at the end and not recorded, so a rerun retries it."""
     threads = {"base.num_threads": max(1, (os.cpu_count() or 1) // jobs)} if jobs > 1 else {}
     failed = []
-    ensure_store()  # before the runs start side by side
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         running = {pool.submit(run_student, name, out_root, {**overrides, **threads}, teacher=teacher): key
                    for key, (name, overrides) in tasks.items()}

@@ -8,8 +8,10 @@ the student checkpoint: no run-id file, so stages that DVC skips do not break th
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from kdcompress.io import file_sha
@@ -32,24 +34,36 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
+@contextmanager
+def _store_lock():
+    """Processes that start together on a new sqlite store (two `dvc exp run` jobs, a benchmark's
+    side-by-side runs) race to create its tables, and all but one fail: the first to take this lock
+    (a file beside the store) creates them, the others wait and then find them."""
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    with open(uri.removeprefix("sqlite:///") + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _client_setup():
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
-    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
-    if experiment is None:
-        mlflow.create_experiment(EXPERIMENT, artifact_location=(project_root() / "mlartifacts").as_uri(),
-                                 tags={KIND_TAG: KIND})
-    elif experiment.tags.get(KIND_TAG) != KIND:  # a store made before the tag: `mlflow ui` guessed GenAI
-        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, KIND_TAG, KIND)
+    with _store_lock():
+        experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+        if experiment is None:
+            mlflow.create_experiment(EXPERIMENT, artifact_location=(project_root() / "mlartifacts").as_uri(),
+                                     tags={KIND_TAG: KIND})
+        elif experiment.tags.get(KIND_TAG) != KIND:  # a store made before the tag: `mlflow ui` guessed GenAI
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, KIND_TAG, KIND)
     mlflow.set_experiment(EXPERIMENT)
     return mlflow
-
-
-def ensure_store() -> None:
-    """Create the MLflow store and experiment now: processes that start together would race to
-    create the tables of a new store (one of them fails)."""
-    _client_setup()
 
 
 def start_run(role: str, run_name: str, tags: dict[str, str] | None = None, run_id: str | None = None):
