@@ -33,7 +33,8 @@ from kdcompress.config import load_params
 from kdcompress.io import atomic_write
 
 HALF = "half"  # distill.epochs: half the sweep's, as many optimizer steps as r = 0.5 over all of them
-SAKD = {"distill.sampling": "sakd", "sakd.ratio": 0.5, "sakd.interval": 5}
+SAKD = {"distill.sampling": "sakd", "sakd.ratio": 0.5, "sakd.interval": 5,  # the paper's loss and normalisation
+        "sakd.loss_scale": "paper", "sakd.normalise": "minmax"}
 CONFIGS = {
     "full": {"distill.sampling": "full"},
     "full_5_epochs": {"distill.sampling": "full", "distill.epochs": 5},  # as many steps as r = 0.5 over 10

@@ -188,8 +188,8 @@ class SAKDConfig:
     patch_size: int = _opt(14, lo=1)  # 4x4 patches destroy the teacher signal on 28x28 (measured)
     alpha_rate: str = _opt("beta_raw", choices=("beta_raw", "beta", "one"))  # the rate in the alpha update
     pass_teacher: str = _opt("same", choices=("same", "int8"))  # who runs the difficulty pass
-    loss_scale: str = _opt("paper", choices=("paper", "constant"))  # constant: each batch's weights total the base's
-    normalise: str = _opt("minmax", choices=("minmax", "rank"))  # how the easiness s becomes s_hat in [0, 1]
+    loss_scale: str = _opt("constant", choices=("paper", "constant"))  # constant: each batch's weights total the base's
+    normalise: str = _opt("rank", choices=("minmax", "rank"))  # how the easiness s becomes s_hat in [0, 1]
 
 
 @dataclass(frozen=True)

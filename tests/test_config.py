@@ -37,8 +37,8 @@ def test_an_empty_params_file_runs_the_shipped_defaults(tmp_path):
 @pytest.mark.parametrize("changes, message", [
     ({"sakd": {"ratio": 0.3}}, "sakd.ratio: 0.3 does nothing unless distill.sampling is 'sakd' or 'random'; "
                                "allowed here: 0.5"),
-    ({"sakd": {"normalise": "rank"}}, "sakd.normalise: 'rank' does nothing unless distill.sampling is 'sakd'; "
-                                      "allowed here: 'minmax'"),
+    ({"sakd": {"normalise": "minmax"}}, "sakd.normalise: 'minmax' does nothing unless distill.sampling is 'sakd'; "
+                                        "allowed here: 'rank'"),
     ({"routing": {"init": "even"}}, "routing.init: 'even' does nothing unless distill.spots is 'adaptive'"),
     ({"teacher": {"checkpoint": "mine.pt", "lr": 0.5}}, "teacher.lr: 0.5 does nothing unless teacher.checkpoint is "
                                                         "empty; allowed here: 0.2"),

@@ -34,7 +34,7 @@ def make_selector(loader, epochs=4, seed=0, models=None, **cfg):
     torch.manual_seed(0)
     student, teacher = models if models is not None else (FakeNet(), FakeNet(width=8))
     distiller = Distiller(student, teacher, KD(4.0), ce_weight=0.1, kd_weight=0.9)
-    base = {"ratio": 0.5, "interval": 1, "gamma": 0.5, "patch_size": 4}
+    base = {"ratio": 0.5, "interval": 1, "gamma": 0.5, "patch_size": 4, "loss_scale": "paper", "normalise": "minmax"}
     return SAKDSelector(SAKDConfig(**{**base, **cfg}), distiller, loader, epochs=epochs, temperature=4.0, seed=seed)
 
 
