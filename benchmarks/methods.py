@@ -25,7 +25,8 @@ from kdcompress.methods import LOSSES
 from kdcompress.report.leaderboard import RANKED
 from kdcompress.report.metrics import rank_table
 
-SHOWN = ["top1", "ece", "nll", "agreement", "kl_teacher_student", "logit_cosine", "entropy", "epoch_seconds"]
+SHOWN = ["val_top1", "top1", "ece", "nll", "agreement", "kl_teacher_student", "logit_cosine", "entropy",
+         "epoch_seconds"]
 
 
 def main(argv=None):
@@ -41,7 +42,9 @@ def main(argv=None):
     teacher, teacher_sha = pin_teacher(results, results_path, None if args.name == "methods"
                                        else lambda: out / "methods_teacher.pt")
     table_path = out / "methods.json"  # the committed table, which a rerun is compared with
-    committed = json.loads(table_path.read_text()) if args.name != "methods" and table_path.exists() else {}
+    same_student = overrides["distill.student"] == "tinycnn"  # another student's runs are not compared with it
+    committed = (json.loads(table_path.read_text()) if args.name != "methods" and same_student and table_path.exists()
+                 else {})
     todo = plan(results, args.methods, args.seeds, timing=committed)
     tasks = {f"{m}/seed{s}": (f"{args.name}/{m}_seed{s}", {**overrides, "distill.method": m, "base.seed": s})
              for m, s in todo}
@@ -89,13 +92,14 @@ def against(results: dict, committed: dict) -> str:
 
 def table(results: dict, methods: list[str]) -> str:
     rows, means = [], {}
-    header = "| method | seeds | " + " | ".join(SHOWN) + " |"
-    rows += [header, "|" + " --- |" * (len(SHOWN) + 2)]
+    shown = [m for m in SHOWN if all(m in r for r in results.values())]  # older tables lack val_top1
+    header = "| method | seeds | " + " | ".join(shown) + " |"
+    rows += [header, "|" + " --- |" * (len(shown) + 2)]
     for method in methods:
         runs = [v for k, v in results.items() if k.split("/")[0] == method]
         if not runs:
             continue
-        stats = {m: mean_std([r[m] for r in runs]) for m in SHOWN}
+        stats = {m: mean_std([r[m] for r in runs]) for m in shown}
         means[method] = {m: s[0] for m, s in stats.items()}
         cells = [f"{s[0]:.1f}" if m == "epoch_seconds" else f"{s[0]:.4f} ± {s[1]:.4f}" if len(runs) > 1
                  else f"{s[0]:.4f}" for m, s in stats.items()]  # one seed: no spread to show
