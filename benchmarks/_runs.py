@@ -91,9 +91,9 @@ def train_teacher(model: str, folder: Path, params_path: str = "params.yaml", ov
 def run_student(name: str, out_root: Path, overrides: dict, params_path: str = "params.yaml",
                 teacher: str | Path = TEACHER, ship: bool = False) -> dict:
     """Distil and evaluate one student (and with ``ship``, export, quantize and benchmark it too);
-    returns test metrics, the val top-1 of the kept checkpoint (decisions go by it) and timing. Logged
-    to MLflow as usual. A step whose output the run's folder already holds (from an interrupted run with
-    the same name) is not run again."""
+    returns test metrics (and the teacher's top-1), the val top-1 of the kept checkpoint (decisions go by
+    it) and timing. Logged to MLflow as usual. A step whose output the run's folder already holds (from an
+    interrupted run with the same name) is not run again."""
     folder = out_root / name
     params = write_params(folder, overrides, params_path)
     params_arg, teacher_arg = ["--params", str(folder / "params.yaml")], ["--teacher", str(teacher)]
@@ -122,13 +122,15 @@ def run_student(name: str, out_root: Path, overrides: dict, params_path: str = "
         if not (folder / output).exists() and stage.main(stage_args):
             raise SystemExit(f"{name}: {stage.__name__.rsplit('.', 1)[-1]} failed")
     fit = json.loads((folder / "distill.json").read_text())
-    test = json.loads((folder / "evaluate.json").read_text())["student"]
+    evaluation = json.loads((folder / "evaluate.json").read_text())
+    test = evaluation["student"]
     epochs = params["distill"]["epochs"]
     rounds = list(csv.DictReader((folder / "rounds.csv").open()))
     round_seconds = [float(r["round_seconds"]) for r in rounds if r.get("round_seconds")]
     detail = ("epoch", "alpha_selected_mean", "alpha_mean", "teacher_seconds", "student_seconds", "dpp_seconds",
               "round_seconds")
-    result = {**test, "val_top1": fit["val_acc"], "train_seconds": fit["train_seconds"],
+    result = {**test, "teacher_top1": evaluation["teacher"]["top1"], "val_top1": fit["val_acc"],
+              "train_seconds": fit["train_seconds"],
               "epoch_seconds": fit["train_seconds"] / epochs,
               "samples_seen": fit["samples_seen"], "rounds": len(round_seconds),
               "teacher_cache_hit_fraction": fit.get("teacher_cache_hit_fraction"),

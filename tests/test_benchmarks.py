@@ -128,6 +128,22 @@ def test_spots_table_pairs_fixed_and_adaptive_runs():
     assert rows["rkd"] == "| rkd | 1/0 | 88.00 ± 0.00 | - | - | 8 | - | - | - | - | - |"
 
 
+def test_recipe_table_compares_with_the_default_recipe():
+    from benchmarks.recipe import table
+
+    def run(val, test, seconds, hits):
+        return {"val_top1": val, "top1": test, "teacher_top1": 0.93, "ece": 0.01, "train_seconds": seconds,
+                "teacher_cache_hit_fraction": hits}
+
+    results = {"default/seed0": run(0.92, 0.91, 100.0, 0.0), "default/seed1": run(0.93, 0.92, 120.0, 1.0),
+               "epochs_15/seed0": run(0.925, 0.915, 165.0, 0.67)}
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table(results).splitlines() if line.startswith("| ")}
+    assert rows["default"] == ("| default | 2 | 92.50 ± 0.71 | 91.50 ± 0.71 | 1.50 | 0.0100 | 110 | 1.00x "
+                               "| 0.00 / 1.00 |")
+    assert rows["epochs_15"] == "| epochs_15 | 1 | 92.50 ± 0.00 | 91.50 ± 0.00 | 1.50 | 0.0100 | 165 | 1.50x | 0.67 |"
+    assert "lr_0.2" not in rows
+
+
 @pytest.mark.slow
 def test_sakd_pair_pins_its_own_teacher_and_a_method_rerun_starts_on_the_method_teacher(project):
     """On tiny data: --pair trains the pair's teacher and pins it beside its table; methods --name
@@ -154,6 +170,9 @@ def test_sakd_pair_pins_its_own_teacher_and_a_method_rerun_starts_on_the_method_
     methods.main(["--name", "methods_rerun", "--methods", "kd", *common])
     run = json.loads((out / "methods_rerun.json").read_text())["kd/seed0"]
     assert run["teacher_cache_hit_fraction"] == 0.0 and run["teacher_sha"] == file_sha(pinned)
+    evaluation = json.loads((out / "runs" / "methods_rerun" / "kd_seed0" / "evaluate.json").read_text())
+    fit = json.loads((out / "runs" / "methods_rerun" / "kd_seed0" / "distill.json").read_text())
+    assert run["teacher_top1"] == evaluation["teacher"]["top1"] and run["val_top1"] == fit["val_acc"]
     assert (out / "methods_rerun_teacher.pt").read_bytes() == pinned.read_bytes()
     report = (out / "methods_rerun.md").read_text()
     assert "All 1 runs trained for" in report and "Against the same runs in methods.json" not in report
