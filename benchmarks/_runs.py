@@ -130,8 +130,7 @@ def run_student(name: str, out_root: Path, overrides: dict, params_path: str = "
     detail = ("epoch", "alpha_selected_mean", "alpha_mean", "teacher_seconds", "student_seconds", "dpp_seconds",
               "round_seconds")
     result = {**test, "teacher_top1": evaluation["teacher"]["top1"], "val_top1": fit["val_acc"],
-              "train_seconds": fit["train_seconds"],
-              "epoch_seconds": fit["train_seconds"] / epochs,
+              "train_seconds": fit["train_seconds"], "epoch_seconds": fit["train_seconds"] / epochs,
               "samples_seen": fit["samples_seen"], "rounds": len(round_seconds),
               "teacher_cache_hit_fraction": fit.get("teacher_cache_hit_fraction"),
               "round_seconds": statistics.fmean(round_seconds) if round_seconds else 0.0,

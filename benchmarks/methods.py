@@ -42,9 +42,9 @@ def main(argv=None):
     teacher, teacher_sha = pin_teacher(results, results_path, None if args.name == "methods"
                                        else lambda: out / "methods_teacher.pt")
     table_path = out / "methods.json"  # the committed table, which a rerun is compared with
-    same_student = overrides["distill.student"] == "tinycnn"  # another student's runs are not compared with it
-    committed = (json.loads(table_path.read_text()) if args.name != "methods" and same_student and table_path.exists()
-                 else {})
+    # a rerun of the committed table's student is compared with it; another student's table is not
+    compare = args.name != "methods" and overrides["distill.student"] == "tinycnn" and table_path.exists()
+    committed = json.loads(table_path.read_text()) if compare else {}
     todo = plan(results, args.methods, args.seeds, timing=committed)
     tasks = {f"{m}/seed{s}": (f"{args.name}/{m}_seed{s}", {**overrides, "distill.method": m, "base.seed": s})
              for m, s in todo}
