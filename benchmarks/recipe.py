@@ -31,6 +31,7 @@ CONFIGS = {
     "weight_decay_1e-4": {"distill.weight_decay": 0.0001},
     "epochs_15": {"distill.epochs": 15},
     "epochs_20": {"distill.epochs": 20},
+    "epochs_20_lr_0.2": {"distill.epochs": 20, "distill.lr": 0.2},
 }
 
 
