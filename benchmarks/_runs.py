@@ -21,6 +21,9 @@ from pipeline import ship as ship_stage
 from pipeline import train_teacher as teacher_stage
 
 TEACHER = "artifacts/teacher/teacher.pt"  # what the distill stage reads by default
+# The sweeps' distillation schedule unless -S distill.epochs=N: the 10 epochs their committed tables were
+# made with (the pipeline's default is longer), so a resumed table keeps one schedule.
+SWEEP_EPOCHS = 10
 
 
 def sweep_arguments(p: argparse.ArgumentParser, seeds: list[int]) -> None:
@@ -32,9 +35,10 @@ def sweep_arguments(p: argparse.ArgumentParser, seeds: list[int]) -> None:
 
 
 def read_sweep(args: argparse.Namespace, name: str) -> tuple[dict, Path, dict]:
-    """``(overrides, results_path, results)`` of a sweep: the -S overrides parsed as YAML values and
-    the finished runs kept in ``<out>/<name>.json`` (empty when it starts)."""
-    overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.overrides)}
+    """``(overrides, results_path, results)`` of a sweep: the -S overrides parsed as YAML values (over
+    ``distill.epochs: SWEEP_EPOCHS``) and the finished runs kept in ``<out>/<name>.json`` (empty when it starts)."""
+    overrides = {"distill.epochs": SWEEP_EPOCHS,
+                 **{k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.overrides)}}
     results_path = Path(args.out) / f"{name}.json"
     return overrides, results_path, json.loads(results_path.read_text()) if results_path.exists() else {}
 

@@ -1,4 +1,4 @@
-"""The default pair's distillation recipe: the default `kd` run against one change at a time (learning
+"""The default pair's distillation recipe: the 10-epoch `kd` run against one change at a time (learning
 rate, temperature, KD weight, weight decay, more epochs), on the method benchmark's pinned teacher,
 with the teacher cache on (a sweep's runs share the teacher's outputs, so the wall times are the
 student's; `distill.epochs` beyond those already cached pay for the teacher once). Decided on val,

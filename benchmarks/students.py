@@ -16,7 +16,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from benchmarks._runs import pin_teacher, read_sweep, run_student, sweep_arguments
+from benchmarks._runs import SWEEP_EPOCHS, pin_teacher, read_sweep, run_student, sweep_arguments
 from kdcompress.io import atomic_write, write_json
 
 STUDENTS = ["tinycnn", "tinycnn:16-32-128", "tinycnn:16-48-96", "tinycnn:32-64-128", "mobilenet:16", "mobilenet"]
@@ -47,7 +47,8 @@ def main(argv=None):
         return
     if args.jobs > 1:
         overrides["base.num_threads"] = max(1, (os.cpu_count() or 1) // args.jobs)
-    tag = ",".join(f"{k}={v}" for k, v in sorted(overrides.items()) if k != "base.num_threads")
+    tag = ",".join(f"{k}={v}" for k, v in sorted(overrides.items())  # the key's tag: what differs from the sweeps'
+                   if k != "base.num_threads" and (k, v) != ("distill.epochs", SWEEP_EPOCHS))
     todo = [(s, seed) for seed in args.seeds for s in args.students if key(s, seed, tag) not in results]
     folders = {run: folder_of(run[0], run[1], tag) for run in todo}
     failed = []

@@ -65,6 +65,17 @@ def test_sakd_pair_takes_two_registry_models():
             pair(bad)
 
 
+def test_sweeps_keep_their_table_schedule_unless_told_otherwise(tmp_path):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    _runs.sweep_arguments(p, seeds=[0])
+    default = p.parse_args(["--out", str(tmp_path)])
+    assert _runs.read_sweep(default, "t")[0] == {"distill.epochs": _runs.SWEEP_EPOCHS}
+    longer = p.parse_args(["--out", str(tmp_path), "-S", "distill.epochs=30", "-S", "distill.lr=0.2"])
+    assert _runs.read_sweep(longer, "t")[0] == {"distill.epochs": 30, "distill.lr": 0.2}
+
+
 def test_write_params_sets_dotted_keys_and_keeps_the_rest(tmp_path):
     import yaml
 
